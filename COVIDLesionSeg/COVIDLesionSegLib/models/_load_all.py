@@ -1,0 +1,12 @@
+"""Imports every architecture module so that each registers itself (see registry.py).
+
+Add a new network module to this list.
+"""
+
+import importlib
+
+_MODULES: list[str] = [
+]
+
+for _name in _MODULES:
+    importlib.import_module(f"{__package__}.{_name}")

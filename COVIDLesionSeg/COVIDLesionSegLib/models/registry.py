@@ -1,0 +1,54 @@
+"""Architecture registry: every network is built from a small config ``{"arch": id, "args": {...}}``.
+
+Networks register themselves with :func:`register`; :func:`build` turns a config (as stored in a
+checkpoint, a training config or the model manifest) into a ``torch.nn.Module``. Importing
+``COVIDLesionSegLib.models`` imports every architecture module, so the registry is complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_ARCHITECTURES: dict[str, "Architecture"] = {}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    arch_id: str
+    builder: Callable[..., Any]
+    dims: tuple[int, ...]          # spatial dimensionalities the network supports: (2,), (3,) or (2, 3)
+    paper: str                     # seed file the method comes from, e.g. "000_3744cab93325e79b"
+    summary: str
+
+
+def register(arch_id: str, *, dims: tuple[int, ...], paper: str, summary: str):
+    """Class/function decorator that adds a network builder to the registry under ``arch_id``."""
+
+    def decorate(builder):
+        if arch_id in _ARCHITECTURES:
+            raise ValueError(f"architecture id {arch_id!r} registered twice")
+        _ARCHITECTURES[arch_id] = Architecture(arch_id, builder, dims, paper, summary)
+        return builder
+
+    return decorate
+
+
+def architectures() -> dict[str, Architecture]:
+    """All registered architectures by id."""
+    from . import _load_all  # noqa: F401  (imports every architecture module once)
+
+    return dict(_ARCHITECTURES)
+
+
+def build(config: dict[str, Any]):
+    """Build a network from ``{"arch": id, "args": {...}}``.
+
+    Raises:
+        KeyError: with the list of known ids when ``arch`` is unknown.
+    """
+    archs = architectures()
+    arch_id = config.get("arch")
+    if arch_id not in archs:
+        raise KeyError(f"unknown architecture {arch_id!r}; known: {', '.join(sorted(archs))}")
+    return archs[arch_id].builder(**dict(config.get("args") or {}))
