@@ -3,6 +3,15 @@
 Networks register themselves with :func:`register`; :func:`build` turns a config (as stored in a
 checkpoint, a training config or the model manifest) into a ``torch.nn.Module``. Importing
 ``COVIDLesionSegLib.models`` imports every architecture module, so the registry is complete.
+
+Contract every registered network follows (the predictor, the losses and training rely on it):
+
+- input ``(N, C_in, *spatial)`` float32, already intensity-normalised as the checkpoint's input spec says;
+- in ``eval()`` mode ``forward`` returns one tensor of **logits** ``(N, C_out, *spatial)`` at input size;
+  ``C_out == 1`` means sigmoid/binary, ``C_out >= 2`` means softmax over classes (0 = background);
+- in ``train()`` mode a deeply supervised network returns a list ``[full_res, lower_res, ...]`` of logits,
+  the first at input size;
+- builder keywords ``in_channels``/``out_channels`` where the architecture allows them.
 """
 
 from __future__ import annotations
@@ -20,15 +29,19 @@ class Architecture:
     dims: tuple[int, ...]          # spatial dimensionalities the network supports: (2,), (3,) or (2, 3)
     paper: str                     # seed file the method comes from, e.g. "000_3744cab93325e79b"
     summary: str
+    tiny_args: dict[str, Any]      # a small, fast configuration for tests and smoke runs
+    paper_args: dict[str, Any]     # the paper's configuration (defaults of the builder unless noted)
 
 
-def register(arch_id: str, *, dims: tuple[int, ...], paper: str, summary: str):
+def register(arch_id: str, *, dims: tuple[int, ...], paper: str, summary: str,
+             tiny_args: dict[str, Any] | None = None, paper_args: dict[str, Any] | None = None):
     """Class/function decorator that adds a network builder to the registry under ``arch_id``."""
 
     def decorate(builder):
         if arch_id in _ARCHITECTURES:
             raise ValueError(f"architecture id {arch_id!r} registered twice")
-        _ARCHITECTURES[arch_id] = Architecture(arch_id, builder, dims, paper, summary)
+        _ARCHITECTURES[arch_id] = Architecture(arch_id, builder, dims, paper, summary,
+                                               dict(tiny_args or {}), dict(paper_args or {}))
         return builder
 
     return decorate
