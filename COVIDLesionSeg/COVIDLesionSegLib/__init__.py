@@ -6,14 +6,14 @@ Qt-free and importable without Slicer. The Slicer module (``COVIDLesionSeg.py``)
 Layout (one implementation of each thing):
 
 - ``volume``        CTVolume: a CT in canonical LPS orientation plus the way back to the input's geometry
-- ``io``            reading NIfTI/NRRD/MHA/DICOM series; atomic writing helpers
+- ``io``            reading NIfTI/NRRD/MHA/DICOM series
 - ``checks``        input validation (3D, Hounsfield units, not pre-windowed, size)
 - ``lungs``         right/left lung masking without trained weights
 - ``infection_hu``  the non-learned Hounsfield-band infection baseline
 - ``predictor``     the predictor interface every infection/lung model implements, and model loading
 - ``quantify``      volumes and infected percentages per lung and per zone
 - ``metrics``       DSC, NSD, sensitivity, ... (used by evaluation, training and benchmarks)
-- ``outputs``       ``.seg.nrrd``, labelmap, JSON report, ``results.csv``
+- ``outputs``       ``.seg.nrrd``, labelmap, JSON report, ``results.csv``, atomic writing
 - ``pipeline``      read -> check -> lungs -> infection -> quantify -> write, with timings and progress
 - ``cli``           the ``covidlesionseg`` command
 - ``models/``       the papers' networks, losses, architecture registry and checkpoint format
