@@ -1,0 +1,188 @@
+"""Model catalogue: which models exist, where their files are, and loading them by id.
+
+Sources, in order (a later source cannot shadow an earlier id):
+
+1. built-in non-learned models (``hu-lungs``, ``hu-threshold``);
+2. the shipped manifest ``COVIDLesionSeg/Resources/Models/manifest.json`` (small default weights in the same
+   folder; larger variants listed with a download URL, fetched only on request);
+3. the user's model cache folder (``COVIDLESIONSEG_MODEL_DIR``, default ``~/.cache/covidlesionseg/models``),
+   where ``covidlesionseg models import FILE`` places checkpoints, each with a ``<file>.json`` sidecar.
+
+Manifest entry fields: ``id``, ``version``, ``task`` (lungs|infection), ``description``, ``file`` (relative to
+the manifest) or ``url``, ``sha256``, ``size_bytes``, ``licence``, ``expected_seconds`` ({"cpu": s, "gpu": s}),
+``metrics`` and ``provenance``. ``defaults`` names the default id per task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .predictor import HUInfectionModel, HULungModel
+
+RESOURCES_DIR = Path(__file__).resolve().parent.parent / "Resources"
+MANIFEST_PATH = Path(os.environ.get("COVIDLESIONSEG_MANIFEST", RESOURCES_DIR / "Models" / "manifest.json"))
+
+BUILTIN_DEFAULTS = {"lungs": HULungModel.info.model_id, "infection": HUInfectionModel.info.model_id}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COVIDLESIONSEG_MODEL_DIR", Path.home() / ".cache" / "covidlesionseg" / "models"))
+
+
+@dataclass
+class ModelEntry:
+    model_id: str
+    version: str
+    task: str
+    description: str
+    source: str                       # "built-in", "shipped", "cache"
+    path: Path | None = None          # local checkpoint file (None for built-ins and not-yet-downloaded)
+    url: str | None = None
+    sha256: str | None = None
+    licence: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.source == "built-in" or (self.path is not None and self.path.is_file())
+
+
+def _builtin_entries() -> list[ModelEntry]:
+    out = []
+    for cls in (HULungModel, HUInfectionModel):
+        info = cls.info
+        out.append(ModelEntry(info.model_id, info.version, info.task, info.description, "built-in",
+                              licence="Apache-2.0 (no trained weights)"))
+    return out
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"models": [], "defaults": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"the model manifest {path} is not valid JSON ({exc}); reinstall the extension") from None
+
+
+def _entry_from_record(record: dict[str, Any], base: Path, source: str) -> ModelEntry:
+    file = record.get("file")
+    path = (base / file) if file else None
+    if path is None and record.get("url"):
+        cached = cache_dir() / Path(record["url"]).name
+        path = cached
+    return ModelEntry(
+        model_id=record["id"], version=str(record.get("version", "")), task=record["task"],
+        description=record.get("description", ""), source=source, path=path, url=record.get("url"),
+        sha256=record.get("sha256"), licence=record.get("licence", ""),
+        details={k: v for k, v in record.items() if k not in {"id", "version", "task", "description", "file"}},
+    )
+
+
+def list_models() -> list[ModelEntry]:
+    """Every known model, built-in first, then shipped, then imported into the cache."""
+    entries = _builtin_entries()
+    seen = {e.model_id for e in entries}
+    manifest = _read_manifest(MANIFEST_PATH)
+    for record in manifest.get("models", []):
+        if record["id"] not in seen:
+            entries.append(_entry_from_record(record, MANIFEST_PATH.parent, "shipped"))
+            seen.add(record["id"])
+    cache = cache_dir()
+    if cache.is_dir():
+        for sidecar in sorted(cache.glob("*.json")):
+            try:
+                record = json.loads(sidecar.read_text())
+            except json.JSONDecodeError:
+                continue
+            if record.get("id") and record["id"] not in seen:
+                entries.append(_entry_from_record(record, cache, "cache"))
+                seen.add(record["id"])
+    return entries
+
+
+def default_model_id(task: str) -> str:
+    """The default model for ``task``: the manifest's choice when its file is present, else the built-in."""
+    manifest = _read_manifest(MANIFEST_PATH)
+    chosen = manifest.get("defaults", {}).get(task)
+    if chosen:
+        entry = next((e for e in list_models() if e.model_id == chosen), None)
+        if entry is not None and entry.available:
+            return chosen
+    return BUILTIN_DEFAULTS[task]
+
+
+def get_entry(model_id: str) -> ModelEntry:
+    entries = list_models()
+    for entry in entries:
+        if entry.model_id == model_id:
+            return entry
+    known = ", ".join(e.model_id for e in entries)
+    raise ModelError(f"unknown model {model_id!r}; known models: {known} (see `covidlesionseg models list`)")
+
+
+def load_model(model_id: str, task: str, device: str = "auto"):
+    """Instantiate the model ``model_id`` for ``task`` ("lungs" or "infection") on ``device``."""
+    entry = get_entry(model_id)
+    if entry.task != task:
+        raise ModelError(f"model {model_id!r} segments {entry.task}, not {task}")
+    if entry.source == "built-in":
+        return HULungModel() if task == "lungs" else HUInfectionModel()
+    if not entry.available:
+        hint = (f"download it with `covidlesionseg models download {model_id}` or import a copy with "
+                "`covidlesionseg models import FILE`") if entry.url else "reinstall the extension"
+        raise ModelError(f"the file of model {model_id!r} is missing ({entry.path}); {hint}")
+    from .network_predictor import NetworkModel
+
+    return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256)
+
+
+def verify_models() -> list[tuple[ModelEntry, str]]:
+    """Check every local model file against its sha256. Returns (entry, status) with status "ok",
+    "missing", "not downloaded" or "MISMATCH ..."."""
+    from .models.checkpoint import file_sha256
+
+    results = []
+    for entry in list_models():
+        if entry.source == "built-in":
+            results.append((entry, "ok (built-in)"))
+        elif entry.path is None or not entry.path.is_file():
+            results.append((entry, "not downloaded" if entry.url else "missing"))
+        elif entry.sha256 is None:
+            results.append((entry, "no checksum recorded"))
+        else:
+            digest = file_sha256(entry.path)
+            results.append((entry, "ok" if digest == entry.sha256 else f"MISMATCH (file has sha256 {digest})"))
+    return results
+
+
+def import_model(path: str | os.PathLike, overwrite: bool = False) -> ModelEntry:
+    """Copy a checkpoint into the cache after loading it (format and tensor checksums verified)."""
+    from .models.checkpoint import file_sha256, load_checkpoint
+
+    src = Path(path)
+    try:
+        ckpt = load_checkpoint(src)
+    except Exception as exc:  # CheckpointError and friends: the message already says what is wrong
+        raise ModelError(f"{src} cannot be imported: {exc}") from None
+    target_dir = cache_dir()
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / src.name
+    sidecar = target.with_name(target.name + ".json")
+    if (target.exists() or sidecar.exists()) and not overwrite:
+        raise ModelError(f"{target} already exists; pass --overwrite to replace it")
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+    record = {"id": ckpt.model_id, "version": ckpt.version, "task": ckpt.task, "description": ckpt.description,
+              "file": target.name, "sha256": file_sha256(target), "provenance": ckpt.provenance}
+    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp_sidecar.write_text(json.dumps(record, indent=2))
+    os.replace(tmp_sidecar, sidecar)
+    return _entry_from_record(record, target_dir, "cache")

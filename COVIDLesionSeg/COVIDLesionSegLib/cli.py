@@ -1,0 +1,247 @@
+"""The ``covidlesionseg`` command (ARCHITECTURE.md, "Command line").
+
+    covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
+                   [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
+    covidlesionseg demo [-o OUTDIR]
+    covidlesionseg evaluate --pred P --ref R [--tau MM]
+    covidlesionseg models list | verify | import PATH
+
+Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
+every case succeeded, 1 when any case failed, 2 for a usage error, 130 when cancelled (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .errors import CovidLesionSegError
+from .progress import Cancelled
+
+
+class _StderrProgress:
+    """One tqdm bar per case on stderr, advanced by the pipeline's stage callbacks."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def start_case(self, index: int, total: int, path: str) -> None:
+        self.close()
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=f"[{index + 1}/{total}] {Path(path).name}", file=sys.stderr,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar:30}| {elapsed}<{remaining} {postfix}",
+                        leave=True, dynamic_ncols=True)
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        if self.bar is None:
+            return
+        from .pipeline import overall_fraction
+
+        target = 100 * overall_fraction(stage, fraction)
+        self.bar.update(max(0.0, target - self.bar.n))
+        self.bar.set_postfix_str(stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(max(0.0, 100 - self.bar.n))
+            self.bar.close()
+            self.bar = None
+
+
+def _parse_window(text: str) -> tuple[float, float]:
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected LEVEL,WIDTH in HU, e.g. -600,1500") from None
+    return level, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covidlesionseg",
+                                     description="Lung and COVID-19 infection segmentation of chest CT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment CT files or DICOM series folders")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    seg.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    _add_model_options(seg)
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
+    seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
+                     help="the window an 8-bit (0-255) image was made with, to map it back to HU")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
+    demo.add_argument("-o", "--output", type=Path, default=None, metavar="OUTDIR",
+                      help="default: a new folder demo-output/run-<time> in the current folder")
+    _add_model_options(demo)
+    demo.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="compare a predicted segmentation with a reference")
+    ev.add_argument("--pred", required=True, type=Path, help="labelmap (0-3) or .seg.nrrd")
+    ev.add_argument("--ref", required=True, type=Path, help="labelmap (0-3), binary mask or .seg.nrrd")
+    ev.add_argument("--tau", type=float, default=3.0, help="NSD tolerance in mm (default 3)")
+
+    models = sub.add_parser("models", help="list, verify or import models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="known models and where their files are")
+    msub.add_parser("verify", help="check every local model file against its sha256")
+    imp = msub.add_parser("import", help="add a checkpoint file to the model cache")
+    imp.add_argument("path", type=Path)
+    imp.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="ID", help="infection model id (see `models list`)")
+    p.add_argument("--lung-model", default=None, metavar="ID", help="lung model id (default: the catalogue's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--lungs-only", action="store_true", help="segment the lungs only, no infection")
+
+
+def _options(args):
+    from .pipeline import SegmentOptions
+
+    return SegmentOptions(infection_model=args.model, lung_model=args.lung_model, device=args.device,
+                          lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
+                          input_window=getattr(args, "input_window", None))
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_segment(args, inputs=None) -> int:
+    from .pipeline import segment_batch
+
+    progress = _StderrProgress(enabled=not args.quiet)
+    inputs = inputs or args.inputs
+    started = time.perf_counter()
+
+    def on_error(path: str, message: str) -> None:
+        progress.close()
+        _err(f"FAILED {path}: {message}")
+
+    report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
+                           on_case=progress.start_case, on_error=on_error)
+    progress.close()
+    elapsed = time.perf_counter() - started
+    print(f"{len(report.succeeded)} of {len(inputs)} case(s) segmented in {elapsed:.1f} s; outputs in {args.output}")
+    if report.failed:
+        _err(f"{len(report.failed)} case(s) failed:")
+        for path, message in report.failed:
+            _err(f"  {path}: {message}")
+    return report.exit_status
+
+
+def cmd_demo(args) -> int:
+    import SimpleITK as sitk
+
+    from .phantom import make_chest_phantom
+
+    outdir = args.output or Path("demo-output") / time.strftime("run-%Y%m%d-%H%M%S")
+    outdir.mkdir(parents=True, exist_ok=True)
+    image, truth = make_chest_phantom()
+    ct_path = outdir / "synthetic_chest_ct.nii.gz"
+    if ct_path.exists():
+        _err(f"{ct_path} exists; choose another --output folder")
+        return 1
+    sitk.WriteImage(image, str(ct_path))
+    print(f"synthetic chest CT written to {ct_path}")
+    args.output, args.overwrite, args.input_window = outdir, False, None
+    status = cmd_segment(args, inputs=[str(ct_path)])
+    if status == 0:
+        report = json.loads((outdir / "synthetic_chest_ct.json").read_text())
+        for line in _summary_lines(report["quantification"]):
+            print(line)
+        _print_phantom_agreement(outdir / "synthetic_chest_ct.seg.nrrd", truth)
+    return status
+
+
+def _summary_lines(q: dict) -> list[str]:
+    lines = []
+    for key, title in (("right_lung", "Right lung"), ("left_lung", "Left lung"), ("both_lungs", "Both lungs")):
+        part = q[key]
+        pct = part.get("infected_percent")
+        pct_text = "n/a" if pct is None else f"{pct:.2f} %"
+        lines.append(f"{title:11s} {part['volume_ml']:9.1f} mL, infection {part['infection_ml']:8.1f} mL ({pct_text})")
+    return lines
+
+
+def _print_phantom_agreement(segmentation_path: Path, truth) -> None:
+    """Dice of the demo's result against the phantom's known truth, so the demo checks itself."""
+    from .evaluation import read_masks
+    from .metrics import case_metrics
+    from .segments import SEGMENTS
+
+    predicted, _spacing = read_masks(segmentation_path)
+    pairs = [(SEGMENTS.right_lung.name, "right_lung"), (SEGMENTS.left_lung.name, "left_lung"),
+             (SEGMENTS.infection.name, "infection")]
+    lines = []
+    for segment_name, truth_key in pairs:
+        if segment_name in predicted and truth_key in truth:
+            # The truth arrays are canonical (LPS); the file is in the phantom's own (LPS) geometry too.
+            dsc = case_metrics(predicted[segment_name], truth[truth_key] > 0, which=["dsc"])["dsc"]
+            lines.append(f"{segment_name} DSC {dsc:.3f}")
+    print("agreement with the phantom's known truth: " + ", ".join(lines))
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_files
+
+    result = evaluate_files(args.pred, args.ref, tau_mm=args.tau)
+    print(json.dumps(result, indent=2, allow_nan=False, default=str))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import catalogue
+
+    if args.models_command == "list":
+        defaults = {task: catalogue.default_model_id(task) for task in ("lungs", "infection")}
+        for e in catalogue.list_models():
+            flag = " (default)" if defaults.get(e.task) == e.model_id else ""
+            where = "built-in" if e.source == "built-in" else (str(e.path) if e.available else f"not downloaded: {e.url}")
+            print(f"{e.model_id:28s} v{e.version:6s} {e.task:10s} {e.description}{flag}\n{'':28s} {where}"
+                  + (f"; licence: {e.licence}" if e.licence else ""))
+        return 0
+    if args.models_command == "verify":
+        bad = 0
+        for entry, status in catalogue.verify_models():
+            print(f"{entry.model_id:28s} {status}")
+            bad += status.startswith(("MISMATCH", "missing"))
+        return 1 if bad else 0
+    if args.models_command == "import":
+        entry = catalogue.import_model(args.path, overwrite=args.overwrite)
+        print(f"imported {entry.model_id} (v{entry.version}, {entry.task}) to {entry.path}")
+        return 0
+    raise AssertionError(args.models_command)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "models": cmd_models}
+    try:
+        return commands[args.command](args)
+    except Cancelled:
+        _err("cancelled")
+        return 130
+    except KeyboardInterrupt:
+        _err("interrupted; outputs of the case in progress were not written")
+        return 130
+    except CovidLesionSegError as exc:
+        _err(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The command line end to end: real CT volumes, outputs, batch failures, overwrite protection, cancel."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from COVIDLesionSegLib.cli import main
+from COVIDLesionSegLib.phantom import make_chest_phantom
+from COVIDLesionSegLib.pipeline import Pipeline, SegmentOptions
+from COVIDLesionSegLib.progress import Cancelled
+from COVIDLesionSegLib.volume import CTVolume, Geometry
+from Testing.conftest import shared_file
+
+REAL_CASES = ["covidctmd_p001_ct", "covidctmd_normal001_ct", "lidc_0001_ct"]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One CLI batch over the three real HU volumes, shared by the tests below."""
+    inputs = [str(shared_file(f"ct/{name}.nii.gz")) for name in REAL_CASES]
+    out = tmp_path_factory.mktemp("real")
+    status = main(["segment", *inputs, "-o", str(out), "--device", "cpu", "--quiet"])
+    return status, out
+
+
+def _body_mask(hu: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    body = hu > -500
+    labels, n = ndimage.label(body)
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return np.stack([ndimage.binary_fill_holes(s) for s in labels == largest])
+
+
+@pytest.mark.parametrize("name", REAL_CASES)
+def test_real_ct_lungs_are_plausible(real_run, name):
+    status, out = real_run
+    assert status == 0
+    report = json.loads((out / f"{name}.json").read_text())
+    q = report["quantification"]
+    right, left = q["right_lung"]["volume_ml"], q["left_lung"]["volume_ml"]
+    assert 800 <= right <= 4500 and 800 <= left <= 4500, (right, left)
+
+    ct = sitk.ReadImage(str(shared_file(f"ct/{name}.nii.gz")))
+    labels_img = sitk.ReadImage(str(out / f"{name}_labels.nii.gz"))
+    assert Geometry.of(labels_img) == Geometry.of(ct)          # exact input geometry
+    labels = sitk.GetArrayFromImage(labels_img)
+    hu = sitk.GetArrayFromImage(ct)
+    lungs = labels > 0
+    assert np.all(_body_mask(hu)[lungs])                       # nothing outside the body
+    # right lung on the patient's right: smaller x in these LPS files
+    xs_right = np.nonzero(labels == 1)[2].mean()
+    xs_left = np.nonzero(labels == 2)[2].mean()
+    assert xs_right < xs_left
+    # the two lungs are separate: no right-lung voxel touches a left-lung voxel along x
+    touching = np.count_nonzero((labels[:, :, :-1] == 1) & (labels[:, :, 1:] == 2))
+    assert touching < 0.001 * np.count_nonzero(lungs)
+    for key in ("upper", "middle", "lower", "ventral", "dorsal"):
+        assert key in json.dumps(q["right_lung"]["zones"])
+    assert set(report["timings_s"]) >= {"read", "check", "lungs", "infection", "quantify", "write"}
+
+
+def test_lidc_nodule_inside_lung_mask(real_run):
+    _, out = real_run
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lidc_0001_ct_labels.nii.gz")))
+    nodule = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_file("ct/lidc_0001_nodules.nii.gz")))) > 0
+    inside = np.count_nonzero(nodule & (labels > 0)) / np.count_nonzero(nodule)
+    assert inside >= 0.95, inside
+
+
+def test_p001_infected_slices_inside_lung_extent(real_run):
+    _, out = real_run
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "covidctmd_p001_ct_labels.nii.gz")))
+    z_with_lung = np.nonzero((labels > 0).any(axis=(1, 2)))[0]
+    rows = [r for r in csv.DictReader(shared_file("ct/covidctmd_slice_labels.csv").open())
+            if r["file"] == "covidctmd_p001_ct.nii.gz" and r["infected"] == "1"]
+    infected_z = [int(r["z_index"]) for r in rows]
+    assert len(infected_z) == 80
+    assert z_with_lung.min() <= min(infected_z) and max(infected_z) <= z_with_lung.max()
+
+
+def test_results_csv_has_one_row_per_case(real_run):
+    _, out = real_run
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["case"] for r in rows] == REAL_CASES
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def _phantom_file(folder: Path, name="phantom", flip_x=False) -> tuple[Path, dict]:
+    image, truth = make_chest_phantom()
+    if flip_x:
+        # Same anatomy stored with the x axis reversed, with the direction that says so.
+        arr = sitk.GetArrayFromImage(image)[:, :, ::-1].copy()
+        flipped = sitk.GetImageFromArray(arr)
+        flipped.SetSpacing(image.GetSpacing())
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        direction[:, 0] *= -1
+        origin = image.TransformIndexToPhysicalPoint([image.GetSize()[0] - 1, 0, 0])
+        flipped.SetDirection(direction.ravel().tolist())
+        flipped.SetOrigin(origin)
+        image = flipped
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path, truth
+
+
+def test_flipped_storage_gives_same_sides_and_volumes(tmp_path):
+    plain, _ = _phantom_file(tmp_path, "plain")
+    flipped, _ = _phantom_file(tmp_path, "flipped", flip_x=True)
+    assert main(["segment", str(plain), str(flipped), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    a = json.loads((tmp_path / "out" / "plain.json").read_text())["quantification"]
+    b = json.loads((tmp_path / "out" / "flipped.json").read_text())["quantification"]
+    for side in ("right_lung", "left_lung"):
+        assert a[side]["volume_ml"] == pytest.approx(b[side]["volume_ml"], rel=1e-6)
+    assert a["right_lung"]["volume_ml"] != pytest.approx(a["left_lung"]["volume_ml"], rel=1e-3)
+
+
+def test_batch_continues_past_a_failed_case_and_exits_nonzero(tmp_path, capsys):
+    good, _ = _phantom_file(tmp_path)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti at all")
+    windowed = tmp_path / "windowed.nii.gz"
+    arr = np.clip(sitk.GetArrayFromImage(sitk.ReadImage(str(good))) + 1000, 0, 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(windowed))
+    out = tmp_path / "out"
+    status = main(["segment", str(broken), str(good), str(windowed), "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "broken.nii.gz" in err and "cannot be read" in err
+    assert "windowed.nii.gz" in err and "already windowed to 0-255" in err
+    assert (out / "phantom.seg.nrrd").is_file() and (out / "phantom_labels.nii.gz").is_file()
+    assert not list(out.glob("broken*")) and not list(out.glob("windowed*"))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["case"] for r in rows] == ["phantom"]
+
+
+def test_existing_outputs_are_not_overwritten_without_flag(tmp_path, capsys):
+    ct, _ = _phantom_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(ct), "-o", str(out), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["segment", str(ct), "-o", str(out), "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["segment", str(ct), "-o", str(out), "--quiet", "--overwrite", "--lungs-only"]) == 0
+    report = json.loads((out / "phantom.json").read_text())
+    assert "infection" not in report["models"]
+
+
+def test_cancel_writes_nothing(tmp_path):
+    ct, _ = _phantom_file(tmp_path)
+    pipeline = Pipeline(SegmentOptions())
+
+    def cancel_in_infection(stage, fraction, message):
+        if stage == "infection":
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        pipeline.segment_file(ct, tmp_path / "out", on_progress=cancel_in_infection)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_in_memory_run_matches_phantom_truth(tmp_path):
+    image, truth = make_chest_phantom()
+    result = Pipeline(SegmentOptions()).run(CTVolume.from_image(image))
+    for label, key in ((1, "right_lung"), (2, "left_lung")):
+        pred, ref = result.lungs == label, truth[key] > 0
+        dsc = 2 * np.count_nonzero(pred & ref) / (pred.sum() + ref.sum())
+        assert dsc > 0.9, (key, dsc)
+    assert result.infection is not None and result.infection.any()
+    assert not np.any(result.infection & (result.lungs == 0))
+
+
+def test_evaluate_and_models_list(tmp_path, capsys):
+    ct, truth = _phantom_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(ct), "-o", str(out), "--quiet"]) == 0
+    ref = tmp_path / "truth_infection.nii.gz"
+    ref_img = sitk.GetImageFromArray(truth["infection"].astype(np.uint8))
+    ref_img.CopyInformation(sitk.ReadImage(str(ct)))
+    sitk.WriteImage(ref_img, str(ref))
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(out / "phantom.seg.nrrd"), "--ref", str(ref)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    infection = result["segments"]["COVID-19 infection"]
+    assert 0 < infection["dsc"] <= 1 and set(infection) >= {"nsd", "sensitivity", "hd95", "voe", "rvd"}
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "hu-lungs" in listing and "hu-threshold" in listing
+
+
+def test_demo_runs_and_reports_agreement(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement with the phantom's known truth" in out
+    assert (tmp_path / "demo" / "synthetic_chest_ct.seg.nrrd").is_file()
