@@ -6,6 +6,10 @@ Add a new network module to this list.
 import importlib
 
 _MODULES: list[str] = [
+    "nnunet",
+    "dual_encoder",
+    "ncovsegnet",
+    "grid",
 ]
 
 for _name in _MODULES:
