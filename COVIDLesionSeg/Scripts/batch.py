@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Headless batch segmentation with the module's logic and MRML nodes.
+
+Runs inside Slicer::
+
+    Slicer --no-splash --no-main-window --python-script batch.py --input DIR_OR_FILES... --output DIR
+           [--model ID] [--lung-model ID] [--device auto|cpu|cuda] [--lungs-only] [--overwrite]
+
+and under plain Python with ``pip install slicer-core`` (same options). Each input is a CT file (NIfTI,
+NRRD, MHA) or a DICOM series folder; a folder of CT files is expanded to its files and its DICOM
+subfolders. For each case the volume is loaded into the MRML scene (Slicer: ``slicer.util.loadVolume`` and
+the DICOM database; plain Python: ``vtkSlicerVolumesLogic`` and, for DICOM, the engine's series reader),
+segmented by the module logic in blocking mode, and written as
+
+- ``OUTPUT/<case>.seg.nrrd`` through ``vtkMRMLSegmentationStorageNode`` (three named, coloured segments with
+  terminology, on the input's grid),
+- ``OUTPUT/<case>.json`` (the engine's report),
+- one row in ``OUTPUT/results.csv`` (the same columns as the ``covidlesionseg`` command line).
+
+A failed case is reported (stderr and a ``failed`` row in results.csv) and the batch goes on. The exit status
+is 0 when every case succeeded, 1 when any failed, 2 for bad arguments or no input found; the script always
+ends with ``sys.exit`` so that Slicer quits.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# The engine package sits beside this folder (source tree: COVIDLesionSeg/; installed extension:
+# qt-scripted-modules/).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from COVIDLesionSegLib import io as engine_io  # noqa: E402
+from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
+
+
+def in_slicer_app() -> bool:
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return hasattr(slicer, "app")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="CT files, DICOM series folders, or folders holding them")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--model", default="", help="infection model id (default: the catalogue's default)")
+    p.add_argument("--lung-model", default="", help="lung model id (default: the catalogue's default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--lungs-only", action="store_true", help="segment the lungs only")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs and results.csv")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------------------
+
+def _is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(engine_io.FILE_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble; names say nothing (CT.1.2.840...)."""
+    if path.suffix.lower() in (".dcm", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _looks_like_dicom_folder(folder: Path) -> bool:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files or any(_is_image_file(p) for p in files):
+        return False
+    return any(_is_dicom_file(p) for p in files[:20])  # a few files tell; a series has hundreds
+
+
+def collect_cases(inputs: list) -> list:
+    """Expand the command line into cases (files and DICOM folders), in a stable order, without duplicates."""
+    cases = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            if _looks_like_dicom_folder(path):
+                cases.append(path)
+                continue
+            children = sorted(path.iterdir())
+            cases += [p for p in children if p.is_file() and _is_image_file(p)]
+            cases += [p for p in children if p.is_dir() and _looks_like_dicom_folder(p)]
+        else:
+            cases.append(path)  # a missing or unsupported file becomes a failed case with the reason
+    unique, seen = [], set()
+    for case in cases:
+        key = str(case.resolve()) if case.exists() else str(case)
+        if key not in seen:
+            seen.add(key)
+            unique.append(case)
+    return unique
+
+
+def unique_names(cases: list) -> list:
+    names, used = [], set()
+    for case in cases:
+        base = engine_io.case_name(case)
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scene and loading
+# ------------------------------------------------------------------------------------------------------------
+
+class SceneContext:
+    """The MRML scene to work in: Slicer's own, or a standalone one (plain Python with slicer-core)."""
+
+    def __init__(self):
+        self.in_app = in_slicer_app()
+        if self.in_app:
+            import slicer
+
+            self.scene = slicer.mrmlScene
+            self.holder = None
+        else:
+            from COVIDLesionSegLib.mrml import create_standalone_scene
+
+            self.holder = create_standalone_scene(with_terminologies=False)
+            self.scene = self.holder.scene
+
+    def load(self, path: Path, name: str):
+        """Load one case as a scalar volume node; raises InputError with the reason when it cannot."""
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir():
+            return self._load_dicom(path, name)
+        if not _is_image_file(path):
+            raise InputError(f"{path}: unsupported file type; use NIfTI, NRRD, MHA or a DICOM series folder")
+        if self.in_app:
+            import slicer
+
+            try:
+                node = slicer.util.loadVolume(str(path), {"name": name, "show": False})
+            except Exception as exc:  # loadVolume raises RuntimeError on any read failure
+                raise InputError(f"{path}: Slicer cannot read this file as a volume ({exc})") from None
+            return node
+        from COVIDLesionSegLib.mrml import load_volume_file
+
+        return load_volume_file(self.holder.volumes_logic, path, name)
+
+    def _load_dicom(self, folder: Path, name: str):
+        if self.in_app:
+            node = self._load_dicom_with_database(folder)
+            if node is not None:
+                node.SetName(name)
+                return node
+        # Plain Python (or a folder Slicer's DICOM plugins cannot load): the engine's series reader, which
+        # picks the largest series, orders slices along the normal and reports tilt / uneven spacing.
+        from COVIDLesionSegLib.mrml import volume_node_from_image
+
+        image, notes = engine_io.read_image(folder)
+        for note in notes:
+            print(f"  note: {note}", file=sys.stderr)
+        return volume_node_from_image(image, self.scene, name)
+
+    def _load_dicom_with_database(self, folder: Path):
+        """Import the folder into a temporary DICOM database and load its largest scalar volume (Slicer only)."""
+        import slicer
+        from DICOMLib import DICOMUtils
+
+        before = set(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+        try:
+            with DICOMUtils.TemporaryDICOMDatabase() as database:
+                DICOMUtils.importDicom(str(folder), database)
+                for patientUID in database.patients():
+                    DICOMUtils.loadPatientByUID(patientUID)
+        except Exception as exc:  # noqa: BLE001 - fall back to the engine's reader
+            print(f"  DICOM database loading failed ({exc}); reading the series directly", file=sys.stderr)
+            return None
+        loaded = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n not in before]
+        if not loaded:
+            return None
+        loaded.sort(key=lambda n: -_voxel_count(n))
+        for extra in loaded[1:]:
+            self.scene.RemoveNode(extra)
+        return loaded[0]
+
+    def remove(self, *nodes) -> None:
+        for node in nodes:
+            if node is not None and node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+
+
+def _voxel_count(node) -> int:
+    image = node.GetImageData()
+    if image is None:
+        return 0
+    x, y, z = image.GetDimensions()
+    return x * y * z
+
+
+def save_segmentation(segmentation_node, path: Path) -> Path:
+    """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic: temporary file, then rename)."""
+    import slicer
+
+    tmp = path.with_name(f".{path.name[:-len('.seg.nrrd')]}.tmp.seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(tmp))
+    storage.SetUseCompression(1)
+    if not storage.WriteData(segmentation_node):
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------------
+
+def _results_row(case: str, status: str, source, report=None, seconds=None, error="") -> dict:
+    """One results.csv row with the command line's columns (``outputs.RESULTS_COLUMNS``)."""
+    from COVIDLesionSegLib import outputs, quantify
+
+    seconds = None if seconds is None else round(seconds, 3)
+    row = {"case": case, "status": status, "source": str(source), "input": str(source), "error": error,
+           "seconds": seconds, "seconds_total": seconds}
+    if report is not None:
+        models = report.get("models", {})
+        main = models.get("infection", models.get("lungs", {}))
+        row.update({"lung_model": models.get("lungs", {}).get("id", ""),
+                    "infection_model": models.get("infection", {}).get("id", ""),
+                    "model_id": " + ".join(m.get("id", "") for m in models.values()),
+                    "model_version": " + ".join(str(m.get("version", "")) for m in models.values()),
+                    "device": main.get("device", "")})
+        row.update(quantify.flatten_for_csv(report["quantification"]))
+    # The row offers the column names of every results.csv layout the engine used; keep the current ones.
+    return {k: v for k, v in row.items() if k in outputs.RESULTS_COLUMNS}
+
+
+def run_batch(args) -> int:
+    from COVIDLesionSegLib import outputs
+    from COVIDLesionSegLib.progress import Cancelled
+    from COVIDLesionSegLib.slicer_logic import SegmentationLogic
+    from COVIDLesionSegLib.worker import classify_error
+
+    cases = collect_cases(args.input)
+    if not cases:
+        print("error: no CT files or DICOM series folders found in the inputs", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results_csv = output / "results.csv"
+    if args.overwrite and results_csv.exists():
+        results_csv.unlink()
+
+    context = SceneContext()
+    logic = SegmentationLogic(context.scene)
+    names = unique_names(cases)
+    failures = []
+    for index, (case, name) in enumerate(zip(cases, names)):
+        print(f"[{index + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        volume = run = None
+        seg_path, json_path = output / f"{name}.seg.nrrd", output / f"{name}.json"
+        last_stage = [None]
+
+        def on_progress(progress, last_stage=last_stage):
+            if progress.stage != last_stage[0]:
+                last_stage[0] = progress.stage
+                print(f"  {progress.stage}...", file=sys.stderr, flush=True)
+
+        try:
+            if not args.overwrite:
+                outputs.check_outputs_free([seg_path, json_path], overwrite=False)
+            volume = context.load(case, name)
+            run = logic.process(volume, None, model=args.model or None, device=args.device,
+                                lungsOnly=args.lungs_only, waitForCompletion=True, progressCallback=on_progress,
+                                lungModel=args.lung_model or None)
+            save_segmentation(run.result.segmentation_node, seg_path)
+            report = dict(run.result.report)
+            report["case"] = name
+            report.setdefault("input", {})["source"] = str(case)
+            outputs.write_json_report(json_path, report)
+            seconds = time.perf_counter() - started
+            outputs.append_results_row(results_csv, _results_row(name, "ok", case, report, seconds))
+            print(f"  done in {seconds:.1f} s -> {seg_path}", file=sys.stderr, flush=True)
+        except (KeyboardInterrupt, Cancelled):
+            print("cancelled", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
+            if isinstance(exc, (CovidLesionSegError, FileExistsError)):
+                message = str(exc)
+            else:
+                message = classify_error(exc)[1]
+            failures.append((str(case), message))
+            print(f"  FAILED: {message}", file=sys.stderr, flush=True)
+            try:
+                outputs.append_results_row(results_csv, _results_row(name, "failed", case,
+                                                                     seconds=time.perf_counter() - started,
+                                                                     error=message))
+            except Exception as csv_exc:  # noqa: BLE001
+                print(f"  (results.csv not updated: {csv_exc})", file=sys.stderr)
+        finally:
+            if run is not None and run.result is not None:
+                context.remove(run.result.segmentation_node, run.result.table_node)
+            context.remove(volume)
+
+    succeeded = len(cases) - len(failures)
+    print(f"{succeeded} of {len(cases)} case(s) segmented; results in {results_csv}", file=sys.stderr)
+    for case, message in failures:
+        print(f"failed: {case}: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":  # `Slicer --python-script batch.py -- --input ...`
+        argv = argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return int(exc.code or 0)
+    return run_batch(args)
+
+
+if __name__ == "__main__" or in_slicer_app():  # Slicer's --python-script may run it under another name
+    sys.exit(main())
