@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment CT files or DICOM series folders")
-    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="NIfTI/NRRD/MHA file, DICOM series folder, or a folder of such files and series")
     seg.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     _add_model_options(seg)
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
@@ -123,8 +124,10 @@ def _err(message: str) -> None:
 def cmd_segment(args, inputs=None) -> int:
     from .pipeline import segment_batch
 
+    from .io import expand_inputs
+
     progress = _StderrProgress(enabled=not args.quiet)
-    inputs = inputs or args.inputs
+    inputs = [str(p) for p in expand_inputs(inputs or args.inputs)]
     started = time.perf_counter()
 
     def on_error(path: str, message: str) -> None:

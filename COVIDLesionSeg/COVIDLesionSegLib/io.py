@@ -36,6 +36,70 @@ def case_name(path: str | os.PathLike) -> str:
     return name or "case"
 
 
+def is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(FILE_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble; names say nothing (CT.1.2.840...)."""
+    if path.suffix.lower() in (".dcm", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _looks_like_dicom_folder(folder: Path) -> bool:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files or any(is_image_file(p) for p in files):
+        return False
+    return any(_is_dicom_file(p) for p in files[:20])  # a few files tell; a series has hundreds
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Expand command-line inputs into cases, in a stable order, without duplicates.
+
+    A DICOM series folder is one case; any other folder contributes its image files and its DICOM series
+    subfolders (one level down, so a hospital export of one folder per patient works). A missing or
+    unsupported file is kept: reading it later fails with the reason, as a failed case of the batch.
+    """
+    cases = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            if _looks_like_dicom_folder(path):
+                cases.append(path)
+                continue
+            children = sorted(path.iterdir())
+            cases += [p for p in children if p.is_file() and is_image_file(p)]
+            cases += [p for p in children if p.is_dir() and _looks_like_dicom_folder(p)]
+        else:
+            cases.append(path)  # a missing or unsupported file becomes a failed case with the reason
+    unique, seen = [], set()
+    for case in cases:
+        key = str(case.resolve()) if case.exists() else str(case)
+        if key not in seen:
+            seen.add(key)
+            unique.append(case)
+    return unique
+
+
+def unique_case_names(cases) -> list[str]:
+    """Output base names for the cases, with _2, _3... where two inputs share a name."""
+    names, used = [], set()
+    for case in cases:
+        base = case_name(case)
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def read_image(path: str | os.PathLike) -> tuple[sitk.Image, list[str]]:
     """Read a CT image file or DICOM series folder without reorienting it.
 

@@ -208,7 +208,7 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
     """Segment every input; a failed case is reported and the batch goes on. Cancelled stops the batch."""
     report = BatchReport()
     pipeline = Pipeline(options)
-    names = _unique_case_names(inputs)
+    names = io.unique_case_names(inputs)
     for index, (path, name) in enumerate(zip(inputs, names)):
         if on_case is not None:
             on_case(index, len(inputs), str(path))
@@ -232,18 +232,6 @@ def _record_failure(report: BatchReport, path, message: str, on_error) -> None:
     report.failed.append((str(path), message))
     if on_error is not None:
         on_error(str(path), message)
-
-
-def _unique_case_names(inputs) -> list[str]:
-    names, used = [], set()
-    for path in inputs:
-        base = io.case_name(path)
-        name, k = base, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
 
 
 def _model_record(model) -> dict[str, str]:

@@ -61,64 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Inputs
 # ------------------------------------------------------------------------------------------------------------
 
-def _is_image_file(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(engine_io.FILE_SUFFIXES) and not name.endswith(".seg.nrrd")
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 files carry "DICM" after a 128-byte preamble; names say nothing (CT.1.2.840...)."""
-    if path.suffix.lower() in (".dcm", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
-def _looks_like_dicom_folder(folder: Path) -> bool:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files or any(_is_image_file(p) for p in files):
-        return False
-    return any(_is_dicom_file(p) for p in files[:20])  # a few files tell; a series has hundreds
-
-
-def collect_cases(inputs: list) -> list:
-    """Expand the command line into cases (files and DICOM folders), in a stable order, without duplicates."""
-    cases = []
-    for text in inputs:
-        path = Path(text)
-        if path.is_dir():
-            if _looks_like_dicom_folder(path):
-                cases.append(path)
-                continue
-            children = sorted(path.iterdir())
-            cases += [p for p in children if p.is_file() and _is_image_file(p)]
-            cases += [p for p in children if p.is_dir() and _looks_like_dicom_folder(p)]
-        else:
-            cases.append(path)  # a missing or unsupported file becomes a failed case with the reason
-    unique, seen = [], set()
-    for case in cases:
-        key = str(case.resolve()) if case.exists() else str(case)
-        if key not in seen:
-            seen.add(key)
-            unique.append(case)
-    return unique
-
-
-def unique_names(cases: list) -> list:
-    names, used = [], set()
-    for case in cases:
-        base = engine_io.case_name(case)
-        name, k = base, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Scene and loading
 # ------------------------------------------------------------------------------------------------------------
@@ -145,7 +87,7 @@ class SceneContext:
             raise InputError(f"{path}: no such file or folder")
         if path.is_dir():
             return self._load_dicom(path, name)
-        if not _is_image_file(path):
+        if not engine_io.is_image_file(path):
             raise InputError(f"{path}: unsupported file type; use NIfTI, NRRD, MHA or a DICOM series folder")
         if self.in_app:
             import slicer
@@ -255,7 +197,7 @@ def run_batch(args) -> int:
     from COVIDLesionSegLib.slicer_logic import SegmentationLogic
     from COVIDLesionSegLib.worker import classify_error
 
-    cases = collect_cases(args.input)
+    cases = engine_io.expand_inputs(args.input)
     if not cases:
         print("error: no CT files or DICOM series folders found in the inputs", file=sys.stderr)
         return 2
@@ -267,7 +209,7 @@ def run_batch(args) -> int:
 
     context = SceneContext()
     logic = SegmentationLogic(context.scene)
-    names = unique_names(cases)
+    names = engine_io.unique_case_names(cases)
     failures = []
     for index, (case, name) in enumerate(zip(cases, names)):
         print(f"[{index + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import slicer
-from COVIDLesionSegLib import outputs, quantify
+from COVIDLesionSegLib import io as engine_io, outputs, quantify
 from COVIDLesionSegLib.segments import SEGMENTS
 
 from .conftest import BATCH_SCRIPT
@@ -109,7 +109,7 @@ def test_dicom_series_folder_becomes_a_volume_node(tmp_path):
 
     folder = shared_file("dicom/ct_20_slices")
     batch = _batch_module()
-    assert batch.collect_cases([str(folder)]) == [folder]            # a series folder is one case
+    assert engine_io.expand_inputs([str(folder)]) == [folder]            # a series folder is one case
     context = batch.SceneContext()
     node = context.load(folder, "series")
     image = mrml.image_from_volume_node(node)
@@ -130,6 +130,6 @@ def test_case_collection(tmp_path):
     series = tmp_path / "series1"
     series.mkdir()
     (series / "IM0001.dcm").write_bytes(b"x")
-    cases = batch.collect_cases([str(tmp_path), str(tmp_path / "a.nii.gz"), str(tmp_path / "missing.nii.gz")])
+    cases = engine_io.expand_inputs([str(tmp_path), str(tmp_path / "a.nii.gz"), str(tmp_path / "missing.nii.gz")])
     assert [c.name for c in cases] == ["a.nii.gz", "b.nrrd", "series1", "missing.nii.gz"]
-    assert batch.unique_names([tmp_path / "x" / "ct.nii.gz", tmp_path / "y" / "ct.nrrd"]) == ["ct", "ct_2"]
+    assert engine_io.unique_case_names([tmp_path / "x" / "ct.nii.gz", tmp_path / "y" / "ct.nrrd"]) == ["ct", "ct_2"]
