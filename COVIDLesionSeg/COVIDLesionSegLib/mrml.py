@@ -309,8 +309,10 @@ def _oriented_mask(mask_zyx: np.ndarray, ijk_to_ras: np.ndarray):
     return image
 
 
-def _unique_name(segmentation, wanted: str) -> str:
-    names = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+def _unique_name(segmentation, wanted: str, own_id: str | None = None) -> str:
+    """``wanted``, or ``wanted 2``, ``wanted 3``... so that no other segment (than ``own_id``) has that name."""
+    names = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
+             if segmentation.GetNthSegmentID(i) != own_id}
     if wanted not in names:
         return wanted
     k = 2
@@ -382,7 +384,7 @@ def write_segments(segmentation_node, masks: Mapping[str, np.ndarray], reference
             if not new_id:
                 raise RuntimeError(f"Slicer refused to add the segment {definition.name!r}")
             segment = segmentation.GetSegment(new_id)
-            segment.SetName(_unique_name_except(segmentation, definition.name, new_id))
+            segment.SetName(_unique_name(segmentation, definition.name, own_id=new_id))
             segment.SetTag(segment.GetTerminologyEntryTagName(), definition.terminology_entry())
             segment.SetTag(GENERATED_TAG, model_label or "COVIDLesionSeg")
             segment.SetTag(FINGERPRINT_TAG, segment_fingerprint(segmentation, new_id))
@@ -392,17 +394,6 @@ def write_segments(segmentation_node, masks: Mapping[str, np.ndarray], reference
     finally:
         segmentation_node.EndModify(was_modifying)
     return created
-
-
-def _unique_name_except(segmentation, wanted: str, own_id: str) -> str:
-    names = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
-             if segmentation.GetNthSegmentID(i) != own_id}
-    if wanted not in names:
-        return wanted
-    k = 2
-    while f"{wanted} {k}" in names:
-        k += 1
-    return f"{wanted} {k}"
 
 
 def masks_from_segmentation(segmentation_node, reference_volume_node,
