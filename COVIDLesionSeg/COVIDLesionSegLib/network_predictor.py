@@ -1,0 +1,442 @@
+"""Runs any registered network from a checkpoint inside the engine: 2D slice-batched or 3D sliding-window,
+on the CPU or CUDA.
+
+:class:`NetworkModel` implements the interfaces of ``predictor.py`` according to the checkpoint's task:
+
+- ``task == "infection"`` -> :class:`NetworkInfectionModel` with
+  ``predict(volume, lungs, progress) -> float32 (z, y, x)`` probabilities in [0, 1] on the canonical grid;
+- ``task == "lungs"`` -> :class:`NetworkLungModel` with ``segment(volume, progress) -> uint8 (z, y, x)``
+  (0 background, 1 right lung, 2 left lung).
+
+``NetworkModel(path)`` returns an instance of the matching subclass, so ``isinstance(model, InfectionModel)``
+and ``isinstance(model, LungModel)`` tell the tasks apart.
+
+How a volume is processed (the checkpoint's input spec decides, see ``models/checkpoint.py``):
+
+- **2D** (``input.dims == 2``): the axial slices of the canonical LPS array, which are already in the
+  radiological display orientation of the 2D training data (``preprocessing.py``). Only slices that contain
+  lung (infection) or body (lungs) are run, in batches; the others get probability 0. Each slice (or its
+  lung bounding box when ``input.crop == "lung_bbox"``, nCoVSegNet's lung-region crop) is resized
+  bilinearly to ``input.slice_size``, intensity-transformed, run, and its probabilities resized back
+  bilinearly. A 1-channel CT slice is repeated when the network expects ``in_channels > 1`` (nCoVSegNet's
+  3-channel ResNet input).
+- **3D** (``input.dims == 3``): the lung bounding box (+ ``margin_mm``) is cut out, resampled to
+  ``input.spacing_zyx`` (trilinear), intensity-transformed, and run with MONAI's
+  ``sliding_window_inference`` (``input.patch_size``, overlap 0.5, Gaussian blending as in nnU-Net); the
+  blended probabilities are resampled back (trilinear) into the box.
+
+Infection probabilities are zero outside the lung bounding box (+ margin). Memory: the result is the only
+full-size float32 volume; 2D inputs are built per batch of slices and 3D inputs only for the lung box.
+
+Devices: ``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without CUDA raises
+:class:`DeviceError`. CUDA runs under autocast in float16 by default (nnU-Net's choice; its 10-bit mantissa
+kept probabilities of the paper-size nnU-Net within 4e-3 (mean 1e-4) of float32 on an H100, where
+bfloat16 differed by up to 0.02), with
+a batch whose logits overflow to inf/NaN recomputed in float32; the CPU runs in float32.
+A CUDA out-of-memory error moves the model to the CPU and runs the case again there, with a warning in
+``info.extra["notes"]`` and in ``volume.notes``.
+
+Progress: ``progress(fraction, message)`` is called after every batch of slices or windows; it may raise
+:class:`~COVIDLesionSegLib.progress.Cancelled`, which propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .predictor import ModelInfo
+from .preprocessing import (apply_intensity, bounding_box, margin_voxels, resampled_shape, resize_slices,
+                            resize_volume)
+from .progress import ProgressCallback, report
+from .volume import CTVolume
+
+#: HU above which a voxel counts as body (not air) when a lung model looks for the slices to run.
+BODY_HU = -500.0
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (e.g. ``cuda`` on a machine without CUDA)."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` -> CUDA if available else CPU; validates explicit ``"cpu"``/``"cuda[:i]"``."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise DeviceError(f"device 'cuda' was requested but CUDA is not available (PyTorch {torch.__version__} "
+                              f"{build}). Use device 'auto' or 'cpu', or install a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    if dev.type == "cpu":
+        return dev
+    raise DeviceError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+
+
+def split_right_left(mask: np.ndarray, min_ratio: float = 0.1) -> np.ndarray:
+    """Split a binary lung mask (z, y, x, canonical LPS) into 1 = right and 2 = left lung.
+
+    A simple rule until ``lungs.py`` offers its own: 3D connected components; when the second largest has
+    at least ``min_ratio`` of the largest one's voxels, the two are the lungs and every component goes to
+    the side of its centroid relative to the plane half-way between their centroids' x. Otherwise the lungs
+    touch (one blob): voxels left of the blob's centroid x in the array (smaller x = patient right in LPS)
+    are right lung, the others left.
+    """
+    from scipy import ndimage as ndi
+
+    mask = np.asarray(mask) > 0
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return out
+    index = np.arange(1, n + 1)
+    sizes = np.asarray(ndi.sum_labels(mask, labels, index), dtype=np.float64)
+    centroids = np.asarray(ndi.center_of_mass(mask, labels, index), dtype=np.float64).reshape(n, 3)
+    order = np.argsort(sizes)[::-1]
+    if n >= 2 and sizes[order[1]] >= min_ratio * sizes[order[0]]:
+        midline = 0.5 * (centroids[order[0], 2] + centroids[order[1], 2])
+        side = np.where(centroids[:, 2] < midline, 1, 2).astype(np.uint8)
+        lut = np.concatenate([[0], side]).astype(np.uint8)
+        return lut[labels]
+    midline = float(np.average(centroids[:, 2], weights=sizes))
+    x = np.arange(mask.shape[2])
+    out[mask] = 2
+    out[mask & (x < midline)[None, None, :]] = 1
+    return out
+
+
+def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding_window_inference visits (for progress fractions)."""
+    n = 1
+    for size, r in zip(shape, roi):
+        if size <= r:
+            continue
+        step = max(int(r * (1.0 - overlap)), 1)
+        n *= int(math.ceil((size - r) / step)) + 1
+    return n
+
+
+class NetworkModel:
+    """A network from a checkpoint, as an engine model. ``NetworkModel(...)`` returns the task's subclass.
+
+    Args:
+        checkpoint: a checkpoint path or a loaded :class:`Checkpoint`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
+        batch_size: 2D: slices per batch; 3D: windows per batch. Default 4/1 on the CPU, 16/2 on CUDA.
+        progress: default progress callback when ``predict``/``segment`` get none (also told of loading).
+        overlap: sliding-window overlap (3D).
+        margin_mm: margin around the lung (or body) bounding box.
+        amp: autocast dtype on CUDA: ``"float16"`` (default), ``"bfloat16"`` or ``None`` (float32).
+        expected_sha256: sha256 of the checkpoint file from the model manifest, verified on loading.
+    """
+
+    def __new__(cls, checkpoint: str | os.PathLike | Checkpoint, *args: Any, **kwargs: Any):
+        if cls is NetworkModel:
+            ckpt = _as_checkpoint(checkpoint, kwargs.get("expected_sha256"))
+            sub = {"infection": NetworkInfectionModel, "lungs": NetworkLungModel}[ckpt.task]
+            obj = super().__new__(sub)
+            obj._preloaded = ckpt
+            return obj
+        return super().__new__(cls)
+
+    def __init__(self, checkpoint: str | os.PathLike | Checkpoint, device: str | torch.device = "auto",
+                 batch_size: int | None = None, progress: Optional[ProgressCallback] = None, *,
+                 overlap: float = 0.5, margin_mm: float = 10.0, expected_sha256: str | None = None,
+                 amp: str | None = "float16"):
+        ckpt = self.__dict__.pop("_preloaded", None) or _as_checkpoint(checkpoint, expected_sha256)
+        expected_task = {NetworkInfectionModel: "infection", NetworkLungModel: "lungs"}.get(type(self))
+        if expected_task is not None and ckpt.task != expected_task:
+            raise CheckpointError(f"{ckpt.model_id!r} is a {ckpt.task!r} model; use NetworkModel(...) or the "
+                                  f"matching class")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if amp not in (None, "float16", "bfloat16"):
+            raise ValueError(f"amp must be 'float16', 'bfloat16' or None, got {amp!r}")
+        self.amp = amp
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._device = resolve_device(device)
+        self._progress = progress
+        self.overlap = float(overlap)
+        self.margin_mm = float(margin_mm)
+        self._batch_size = batch_size
+        self.notes: list[str] = []
+        report(progress, 0.0, f"loading model {ckpt.model_id}")
+        self._net = ckpt.build(self._device)
+        spec = ckpt.input_spec
+        self.dims = int(spec["dims"])
+        self.in_channels = int(spec["in_channels"])
+        self.intensity = dict(spec["intensity"])
+        self.slice_size = tuple(spec["slice_size"]) if self.dims == 2 else None
+        self.spacing_zyx = tuple(float(s) for s in spec["spacing_zyx"]) if self.dims == 3 else None
+        self.patch_size = tuple(int(p) for p in spec["patch_size"]) if self.dims == 3 else None
+        self.crop = spec.get("crop", "none")
+        self.activation = ckpt.output["activation"]
+        self.foreground_channel = int(ckpt.output.get("foreground_channel", 1 if self.activation == "softmax" else 0))
+        self.threshold = ckpt.threshold
+        self.labels = dict(ckpt.labels)
+        # The network holds its own copy of the weights; keep the metadata only.
+        self.checkpoint = dataclasses.replace(ckpt, state_dict={})
+        self.info = ModelInfo(
+            model_id=ckpt.model_id, version=ckpt.version, task=ckpt.task, description=ckpt.description,
+            threshold=self.threshold, device=str(self._device),
+            extra={"arch": ckpt.arch, "dims": self.dims, "checkpoint": str(ckpt.path) if ckpt.path else None,
+                   "state_dict_sha256": ckpt.state_dict_sha256, "notes": []})
+        report(progress, 1.0, f"model {ckpt.model_id} ready on {self._device}")
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        if self._batch_size is not None:
+            return self._batch_size
+        cuda = self._device.type == "cuda"
+        if self.dims == 2:
+            return 16 if cuda else 4
+        return 2 if cuda else 1
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self._device.type != "cuda" or self.amp is None:
+            return None
+        if self.amp == "bfloat16" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def _net_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._net(x)
+        if isinstance(y, (list, tuple)):  # tolerate a deep-supervision list: the first is full resolution
+            y = y[0]
+        return y.float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        amp = self._amp_dtype()
+        if amp is None:
+            return self._net_forward(x)
+        with torch.autocast(device_type="cuda", dtype=amp):
+            y = self._net_forward(x)
+        if not bool(torch.isfinite(y).all()):
+            # Half precision overflowed somewhere in the network: this batch again in float32.
+            note = "half-precision overflow on CUDA: some batches were recomputed in float32"
+            if note not in self.notes:
+                self.notes.append(note)
+                self.info = dataclasses.replace(self.info, extra={**self.info.extra, "notes": list(self.notes)})
+            y = self._net_forward(x)
+        return y
+
+    def _probabilities(self, logits: torch.Tensor, all_channels: bool = False) -> torch.Tensor:
+        """(N, K, ...) probabilities: the foreground channel (K = 1) or every class (softmax, K = C)."""
+        if self.activation == "sigmoid":
+            k = self.foreground_channel if logits.shape[1] > 1 else 0
+            return torch.sigmoid(logits[:, k:k + 1])
+        p = torch.softmax(logits, dim=1)
+        return p if all_channels else p[:, self.foreground_channel:self.foreground_channel + 1]
+
+    def _input_tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1)  # (N, 1, ...)
+        if self.in_channels > 1:
+            t = t.expand(-1, self.in_channels, *t.shape[2:])
+        return t.to(self._device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _run_2d(self, hu: np.ndarray, zs: np.ndarray, box_yx: tuple[slice, slice], all_channels: bool,
+                sink: Callable[[np.ndarray, np.ndarray], None], progress: Optional[ProgressCallback],
+                what: str) -> None:
+        """Slice-batched inference: ``sink(z_indices, probs (n, K, h, w) on the box)`` per batch."""
+        ys, xs = box_yx if self.crop == "lung_bbox" else (slice(None), slice(None))
+        n = len(zs)
+        bs = self.batch_size
+        with torch.inference_mode():
+            for start in range(0, n, bs):
+                zb = zs[start:start + bs]
+                x = np.asarray(hu[zb][:, ys, xs], dtype=np.float32)
+                h, w = x.shape[1:]
+                x = resize_slices(x, self.slice_size, mode="bilinear")
+                x = apply_intensity(x, self.intensity)
+                probs = self._probabilities(self._forward(self._input_tensor(x)), all_channels)
+                probs = resize_slices(probs, (h, w), mode="bilinear").float().cpu().numpy()
+                if self.crop == "lung_bbox":
+                    sink(zb, probs)
+                else:
+                    sink(zb, probs[..., box_yx[0], box_yx[1]])
+                report(progress, (start + len(zb)) / n, f"{what}: slices {start + len(zb)}/{n}")
+
+    def _run_3d(self, hu: np.ndarray, box: tuple[slice, ...], spacing: Sequence[float], all_channels: bool,
+                progress: Optional[ProgressCallback], what: str) -> np.ndarray:
+        """Sliding-window inference on ``hu[box]``; returns probabilities (K, *box shape) float32."""
+        from monai.inferers import sliding_window_inference
+
+        crop = np.asarray(hu[box], dtype=np.float32)
+        crop_shape = crop.shape
+        target = resampled_shape(crop_shape, spacing, self.spacing_zyx)
+        x = resize_volume(crop, target, mode="trilinear")
+        del crop
+        x = apply_intensity(x, self.intensity)
+        inputs = self._input_tensor(x[None])
+        del x
+        total = max(1, int(math.ceil(_window_count(target, self.patch_size, self.overlap) / self.batch_size)))
+        done = 0
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            out = self._probabilities(self._forward(patch), all_channels).float()
+            done += 1
+            report(progress, min(done / total, 1.0), f"{what}: window batch {min(done, total)}/{total}")
+            return out
+
+        with torch.inference_mode():
+            probs = sliding_window_inference(inputs, roi_size=self.patch_size, sw_batch_size=self.batch_size,
+                                             predictor=predictor, overlap=self.overlap, mode="gaussian",
+                                             sw_device=self._device, device=self._device)
+            del inputs
+            probs = resize_volume(probs[0].float(), crop_shape, mode="trilinear")
+            return probs.clamp_(0.0, 1.0).cpu().numpy()
+
+    # ------------------------------------------------------------------------------------------------------
+    def _with_cpu_fallback(self, run: Callable[[], np.ndarray], volume: CTVolume) -> np.ndarray:
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            if self._device.type != "cuda":
+                raise
+            self._fall_back_to_cpu(volume)
+            return run()
+
+    def _fall_back_to_cpu(self, volume: CTVolume | None) -> None:
+        msg = (f"CUDA ran out of memory running model {self.info.model_id!r}; it was moved to the CPU and "
+               "this and later cases run there (slower). Free GPU memory or lower batch_size to use the GPU")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        self._net.to("cpu")
+        self._device = torch.device("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.notes.append(msg)
+        self.info = dataclasses.replace(self.info, device="cpu", extra={**self.info.extra, "notes": list(self.notes)})
+        if volume is not None:
+            volume.notes.append(msg)
+
+
+class NetworkInfectionModel(NetworkModel):
+    """An infection network: ``predict(volume, lungs, progress) -> float32 (z, y, x)`` in [0, 1]."""
+
+    def predict(self, volume: CTVolume, lungs: np.ndarray,
+                progress: Optional[ProgressCallback] = None) -> np.ndarray:
+        lungs = np.asarray(lungs)
+        if lungs.shape != volume.shape:
+            raise ValueError(f"lung mask shape {lungs.shape} does not match the volume {volume.shape}")
+        progress = progress if progress is not None else self._progress
+        return self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress), volume)
+
+    def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback]) -> np.ndarray:
+        what = f"{self.info.model_id} ({self._device.type})"
+        margin = margin_voxels(self.margin_mm, volume.spacing_zyx)
+        box = bounding_box(mask, margin)
+        out = np.zeros(volume.shape, dtype=np.float32)
+        if box is None:
+            report(progress, 1.0, f"{what}: no lung voxels, nothing to run")
+            return out
+        hu = volume.hu
+        if self.dims == 2:
+            zs = np.flatnonzero(mask.any(axis=(1, 2)))
+
+            def sink(zb: np.ndarray, probs: np.ndarray) -> None:
+                out[zb, box[1], box[2]] = probs[:, 0]
+
+            self._run_2d(hu, zs, (box[1], box[2]), False, sink, progress, what)
+        else:
+            out[box] = self._run_3d(hu, box, volume.spacing_zyx, False, progress, what)[0]
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+
+class NetworkLungModel(NetworkModel):
+    """A lung network: ``segment(volume, progress) -> uint8 (z, y, x)``, 0 background, 1 right, 2 left.
+
+    A softmax network with three or more classes is read by argmax; its classes map to the engine's
+    labels by name ("right..." -> 1, "left..." -> 2; otherwise channel 1 -> 1 and 2 -> 2, other channels
+    background). A binary network (sigmoid, or 2-class softmax) gives one lung mask at ``output.threshold``
+    that :func:`split_right_left` splits into the two sides.
+    """
+
+    @property
+    def multiclass(self) -> bool:
+        return self.activation == "softmax" and len(self.labels) >= 3
+
+    def _class_lut(self, n_channels: int) -> np.ndarray:
+        lut = np.zeros(max(n_channels, len(self.labels)), dtype=np.uint8)
+        named = False
+        for key, name in self.labels.items():
+            lname = name.lower()
+            if "right" in lname:
+                lut[int(key)] = 1
+                named = True
+            elif "left" in lname:
+                lut[int(key)] = 2
+                named = True
+        if not named:
+            lut[1:3] = [1, 2]
+        return lut
+
+    def segment(self, volume: CTVolume, progress: Optional[ProgressCallback] = None) -> np.ndarray:
+        progress = progress if progress is not None else self._progress
+        return self._with_cpu_fallback(lambda: self._segment(volume, progress), volume)
+
+    def _segment(self, volume: CTVolume, progress: Optional[ProgressCallback]) -> np.ndarray:
+        what = f"{self.info.model_id} ({self._device.type})"
+        hu = volume.hu
+        out = np.zeros(volume.shape, dtype=np.uint8)
+        # Body voxels (a bool volume, 1 byte per voxel) give the slices and the box to run.
+        body = hu > BODY_HU
+        box = bounding_box(body, margin_voxels(self.margin_mm, volume.spacing_zyx))
+        if box is None:
+            report(progress, 1.0, f"{what}: no body voxels, nothing to run")
+            return out
+        multiclass = self.multiclass
+        lut = self._class_lut(len(self.labels)) if multiclass else None
+        if self.dims == 2:
+            zs = np.flatnonzero(body.any(axis=(1, 2)))
+            del body
+
+            def sink(zb: np.ndarray, probs: np.ndarray) -> None:
+                if multiclass:
+                    out[zb, box[1], box[2]] = lut[np.argmax(probs, axis=1)]
+                else:
+                    out[zb, box[1], box[2]] = probs[:, 0] > self.threshold
+
+            self._run_2d(hu, zs, (box[1], box[2]), multiclass, sink, progress, what)
+        else:
+            del body
+            probs = self._run_3d(hu, box, volume.spacing_zyx, multiclass, progress, what)
+            out[box] = lut[np.argmax(probs, axis=0)] if multiclass else probs[0] > self.threshold
+            del probs
+        return out if multiclass else split_right_left(out)
+
+
+def _as_checkpoint(checkpoint: str | os.PathLike | Checkpoint, expected_sha256: str | None = None) -> Checkpoint:
+    if isinstance(checkpoint, Checkpoint):
+        if expected_sha256 is not None:
+            raise ValueError("expected_sha256 applies to checkpoint files; pass a path to verify it")
+        return checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return load_checkpoint(checkpoint, expected_sha256=expected_sha256)
+    raise TypeError(f"expected a checkpoint path or Checkpoint, got {type(checkpoint).__name__}")
+
+
+__all__ = ["NetworkModel", "NetworkInfectionModel", "NetworkLungModel", "DeviceError", "resolve_device",
+           "split_right_left"]

@@ -1,0 +1,419 @@
+"""The network predictor (network_predictor.py): 2D and 3D inference through checkpoints, geometry,
+lung models, devices, cancellation and the CUDA out-of-memory fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage as ndi
+from torch import nn
+
+from COVIDLesionSegLib.models import registry
+from COVIDLesionSegLib.models.checkpoint import Checkpoint, save_checkpoint
+from COVIDLesionSegLib.network_predictor import (DeviceError, NetworkInfectionModel, NetworkLungModel, NetworkModel,
+                                                 resolve_device, split_right_left)
+from COVIDLesionSegLib.predictor import InfectionModel, LungModel
+from COVIDLesionSegLib.progress import Cancelled
+from COVIDLesionSegLib.volume import CTVolume
+from Testing.conftest import shared_file
+
+torch.set_num_threads(2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Test-only networks
+# ------------------------------------------------------------------------------------------------------------
+
+def _tiny(dims: int, in_channels: int = 1, out_channels: int = 1, width: int = 4) -> nn.Module:
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
+
+
+class _LungRule(nn.Module):
+    """Logits from intensity and column: lung where the (0..1 windowed) input < 0.3; the image's left half
+    (small x = patient right) is channel ``right``. Stands in for a trained 3-class lung network."""
+
+    def __init__(self, right: int = 2, left: int = 1):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(20.0))
+        self.right, self.left = right, left
+
+    def forward(self, x):
+        lung = (x[:, :1] < 0.3).float()
+        w = x.shape[-1]
+        is_left_of_image = (torch.arange(w, device=x.device) < w / 2).float().view(*([1] * (x.ndim - 1)), w)
+        logits = torch.full((x.shape[0], 3, *x.shape[2:]), -1.0, device=x.device) * self.scale
+        logits[:, 0] = self.scale * (1 - 2 * lung[:, 0])
+        logits[:, self.right] = self.scale * (2 * lung[:, 0] * is_left_of_image - 1)
+        logits[:, self.left] = self.scale * (2 * lung[:, 0] * (1 - is_left_of_image) - 1)
+        return logits
+
+
+TEST_ARCHS = {
+    "test-pred-tiny2d": (lambda **kw: _tiny(2, **kw), (2,)),
+    "test-pred-tiny3d": (lambda **kw: _tiny(3, **kw), (3,)),
+    "test-pred-linear2d": (lambda: nn.Conv2d(1, 1, 1), (2,)),
+    "test-pred-linear3d": (lambda: nn.Conv3d(1, 1, 1), (3,)),
+    "test-pred-lungrule": (lambda: _LungRule(), (2, 3)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_archs():
+    registry.architectures()  # import the real networks first
+    for arch_id, (builder, dims) in TEST_ARCHS.items():
+        registry.register(arch_id, dims=dims, paper="test", summary="test-only")(builder)
+    yield
+    for arch_id in TEST_ARCHS:
+        del registry._ARCHITECTURES[arch_id]
+
+
+WINDOW = {"name": "hu_window_01", "lo": -1000.0, "hi": 0.0}
+
+
+def _spec(dims: int, intensity=WINDOW, **extra):
+    spec = {"dims": dims, "in_channels": 1, "intensity": dict(intensity)}
+    if dims == 2:
+        spec["slice_size"] = [32, 32]
+    else:
+        spec.update(spacing_zyx=[2.0, 1.2, 1.2], patch_size=[8, 16, 16])
+    spec.update(extra)
+    return spec
+
+
+def _checkpoint(tmp_path, arch, net, dims, *, task="infection", name="m", args=None, labels=None, output=None,
+                **spec_extra):
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, net, model_config={"arch": arch, "args": args or {}}, input_spec=_spec(dims, **spec_extra),
+                    labels=labels or {"0": "background", "1": "infection"},
+                    output=output or {"activation": "sigmoid"}, task=task, model_id=name, version="1")
+    return path
+
+
+def _linear(dims: int) -> nn.Module:
+    """logit = 20 * window01(HU) - 10: > 0.5 where HU > -500 (dense lesion, tissue), ~0 in aerated lung."""
+    net = nn.Conv2d(1, 1, 1) if dims == 2 else nn.Conv3d(1, 1, 1)
+    with torch.no_grad():
+        net.weight.fill_(20.0)
+        net.bias.fill_(-10.0)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Synthetic CT
+# ------------------------------------------------------------------------------------------------------------
+
+SHAPE = (14, 40, 48)          # z, y, x (canonical LPS)
+SPACING_XYZ = (0.8, 0.8, 2.5)
+
+
+def _phantom(fill_body: bool = False):
+    """HU phantom: body 40 HU, lungs -850 HU (right lung at small x), a -100 HU lesion in the right lung."""
+    z, y, x = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]].astype(np.float32)
+    hu = np.full(SHAPE, -1000.0 if not fill_body else 40.0, np.float32)
+    body = ((y - 20) / 18) ** 2 + ((x - 24) / 22) ** 2 <= 1
+    hu[body] = 40
+    right = (((z - 7) / 5.5) ** 2 + ((y - 20) / 12) ** 2 + ((x - 14) / 7) ** 2) <= 1
+    left = (((z - 7) / 5.5) ** 2 + ((y - 20) / 12) ** 2 + ((x - 34) / 7) ** 2) <= 1
+    hu[right | left] = -850
+    lesion = (((z - 7) / 2.5) ** 2 + ((y - 22) / 5) ** 2 + ((x - 13) / 4) ** 2) <= 1
+    hu[lesion] = -100
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[right] = 1
+    labels[left] = 2
+    return hu.astype(np.int16), labels, lesion
+
+
+def _volume(hu: np.ndarray, orientation: str = "LPS") -> CTVolume:
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing(SPACING_XYZ)
+    img.SetOrigin((-20.0, 5.0, 100.0))
+    if orientation != "LPS":
+        img = sitk.DICOMOrient(img, orientation)  # same anatomy stored in another axis order
+    return CTVolume.from_image(img, name="phantom")
+
+
+def _box_mask(mask: np.ndarray) -> np.ndarray:
+    out = np.zeros(mask.shape, bool)
+    idx = np.nonzero(mask)
+    out[tuple(slice(i.min(), i.max() + 1) for i in idx)] = True
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Output contract with random tiny networks
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims, crop", [(2, "none"), (2, "lung_bbox"), (3, None)])
+def test_random_network_output_contract(tmp_path, dims, crop):
+    torch.manual_seed(0)
+    extra = {"crop": crop} if crop else {}
+    path = _checkpoint(tmp_path, f"test-pred-tiny{dims}d", _tiny(dims), dims, **extra)
+    model = NetworkModel(path, device="cpu", margin_mm=0.0, batch_size=3)
+    assert isinstance(model, NetworkInfectionModel) and isinstance(model, InfectionModel)
+    assert not isinstance(model, LungModel)
+    assert model.info.task == "infection" and model.info.device == "cpu" and model.info.model_id == "m"
+
+    hu, labels, _ = _phantom()
+    vol = _volume(hu)
+    prob = model.predict(vol, labels)
+    assert prob.dtype == np.float32 and prob.shape == vol.shape
+    assert np.isfinite(prob).all() and prob.min() >= 0.0 and prob.max() <= 1.0
+    box = _box_mask(labels > 0)
+    assert not prob[~box].any(), "probabilities must be zero outside the lung bounding box"
+    assert (prob[box & (labels > 0)] > 0).all(), "a sigmoid output is positive wherever the network ran"
+
+
+def test_no_lungs_gives_zeros(tmp_path):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    hu, labels, _ = _phantom()
+    calls = []
+    prob = NetworkModel(path, device="cpu").predict(_volume(hu), np.zeros_like(labels), lambda f, m: calls.append(f))
+    assert prob.shape == hu.shape and not prob.any()
+    assert calls and calls[-1] == 1.0
+
+
+def test_mask_shape_mismatch(tmp_path):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    hu, labels, _ = _phantom()
+    with pytest.raises(ValueError, match="does not match the volume"):
+        NetworkModel(path, device="cpu").predict(_volume(hu), labels[:-1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Geometry: a network whose answer is known finds the lesion where it is, through resizing/resampling
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("orientation", ["LPS", "RAI"])
+def test_known_network_finds_the_lesion(tmp_path, dims, orientation):
+    path = _checkpoint(tmp_path, f"test-pred-linear{dims}d", _linear(dims), dims)
+    hu, labels, lesion = _phantom()
+    vol = _volume(hu, orientation)
+    assert vol.shape == hu.shape and np.array_equal(vol.hu, hu), "canonical array is the LPS phantom"
+    prob = NetworkModel(path, device="cpu").predict(vol, labels)
+    # Slices are resized 40x48 -> 32x32 and back, which blurs the lung/tissue boundary (partial volume):
+    # judge the lung interior, 2 voxels in from the boundary in-plane.
+    inside = ndi.binary_erosion(labels > 0, structure=np.ones((1, 5, 5), bool))
+    found = (prob > 0.5) & inside
+    assert _dice(found, lesion & inside) > 0.9
+    zz, yy, xx = np.nonzero(found)
+    z0, y0, x0 = np.nonzero(lesion)
+    assert abs(yy.mean() - y0.mean()) < 0.5 and abs(xx.mean() - x0.mean()) < 0.5, "no shift from resizing"
+    # The lesion is in the right lung (small x): nothing is found in the left lung.
+    assert not found[labels == 2].any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lung models
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_three_class_lung_model_maps_classes_by_name(tmp_path, dims):
+    # Channel 2 is the right lung here: the predictor must follow the names, not the channel order.
+    path = _checkpoint(tmp_path, "test-pred-lungrule", _LungRule(right=2, left=1), dims, task="lungs",
+                       labels={"0": "background", "1": "left lung", "2": "right lung"},
+                       output={"activation": "softmax", "foreground_channel": 1},
+                       **({"patch_size": [8, 40, 48], "spacing_zyx": [2.5, 0.8, 0.8]} if dims == 3 else
+                          {"slice_size": [40, 48]}))
+    model = NetworkModel(path, device="cpu")
+    assert isinstance(model, NetworkLungModel) and isinstance(model, LungModel)
+    assert not isinstance(model, InfectionModel)
+    hu, labels, lesion = _phantom(fill_body=True)
+    seg = model.segment(_volume(hu))
+    assert seg.dtype == np.uint8 and seg.shape == hu.shape
+    aerated = labels > 0
+    aerated[lesion] = False
+    assert _dice(seg == 1, (labels == 1) & aerated) > 0.9
+    assert _dice(seg == 2, labels == 2) > 0.9
+
+
+def test_binary_lung_model_is_split_right_left(tmp_path):
+    net = _linear(2)
+    with torch.no_grad():  # lung where HU < -500
+        net.weight.fill_(-20.0)
+        net.bias.fill_(10.0)
+    path = _checkpoint(tmp_path, "test-pred-linear2d", net, 2, task="lungs",
+                       labels={"0": "background", "1": "lungs"})
+    hu, labels, lesion = _phantom(fill_body=True)
+    seg = NetworkModel(path, device="cpu").segment(_volume(hu))
+    aerated = labels > 0
+    aerated[lesion] = False
+    assert _dice(seg == 1, (labels == 1) & aerated) > 0.85
+    assert _dice(seg == 2, labels == 2) > 0.85
+
+
+def test_split_right_left_single_blob():
+    mask = np.zeros((4, 10, 20), bool)
+    mask[:, 2:8, 3:17] = True  # lungs touching: one component
+    out = split_right_left(mask)
+    assert set(np.unique(out[mask])) == {1, 2}
+    assert (out[:, :, 3:10][mask[:, :, 3:10]] == 1).all() and (out[:, :, 10:17][mask[:, :, 10:17]] == 2).all()
+    assert not out[~mask].any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Progress, cancellation, devices
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_progress_and_cancellation(tmp_path, dims):
+    path = _checkpoint(tmp_path, f"test-pred-tiny{dims}d", _tiny(dims), dims)
+    model = NetworkModel(path, device="cpu", batch_size=1)
+    hu, labels, _ = _phantom()
+    vol = _volume(hu)
+    seen = []
+    model.predict(vol, labels, lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert len(seen) >= 5 and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+
+    calls = []
+
+    def cancel(fraction, message):
+        calls.append(fraction)
+        if len(calls) == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        model.predict(vol, labels, cancel)
+    assert len(calls) == 2, "no batch runs after the callback cancelled"
+
+
+def test_default_progress_from_constructor(tmp_path):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    seen = []
+    model = NetworkModel(path, device="cpu", progress=lambda f, m: seen.append(m))
+    assert any("loading" in m for m in seen)
+    hu, labels, _ = _phantom()
+    model.predict(_volume(hu), labels)
+    assert any("slices" in m for m in seen)
+
+
+def test_devices(tmp_path):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="not supported|unknown device"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here; the missing-CUDA message cannot be tested")
+    with pytest.raises(DeviceError, match="CUDA is not available.*'auto' or 'cpu'"):
+        NetworkModel(path, device="cuda")
+    assert NetworkModel(path, device="auto").info.device == "cpu"
+
+
+def test_constructor_argument_errors(tmp_path):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    with pytest.raises(ValueError, match="amp must be"):
+        NetworkModel(path, device="cpu", amp="float8")
+    with pytest.raises(ValueError, match="batch_size"):
+        NetworkModel(path, device="cpu", batch_size=0)
+    with pytest.raises(ValueError, match="overlap"):
+        NetworkModel(path, device="cpu", overlap=1.0)
+    from COVIDLesionSegLib.models.checkpoint import CheckpointError, file_sha256
+    assert NetworkModel(path, device="cpu", expected_sha256=file_sha256(path)).info.model_id == "m"
+    with pytest.raises(CheckpointError, match="manifest expects"):
+        NetworkModel(path, device="cpu", expected_sha256="f" * 64)
+
+
+def test_cuda_out_of_memory_falls_back_to_cpu(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path, "test-pred-tiny2d", _tiny(2), 2)
+    model = NetworkModel(path, device="cpu")
+    hu, labels, _ = _phantom()
+    vol = _volume(hu)
+    expected = model.predict(vol, labels)
+
+    # Pretend the model sits on a GPU that runs out of memory on the first attempt.
+    model._device = torch.device("cuda")
+    real = model._predict
+    attempts = []
+
+    def flaky(volume, mask, progress):
+        attempts.append(model._device.type)
+        if model._device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(volume, mask, progress)
+
+    monkeypatch.setattr(model, "_predict", flaky)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        prob = model.predict(vol, labels)
+    assert attempts == ["cuda", "cpu"]
+    np.testing.assert_array_equal(prob, expected)
+    assert model.info.device == "cpu" and model.device.type == "cpu"
+    assert any("out of memory" in n for n in model.info.extra["notes"])
+    assert any("out of memory" in n for n in vol.notes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real CT end to end (random weights)
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_ct():
+    vol = CTVolume.from_image(sitk.ReadImage(str(shared_file("ct/covidctmd_p001_ct.nii.gz"))), name="p001")
+    hu = vol.hu
+    z, y, x = hu.shape
+    central = np.zeros(hu.shape, bool)
+    central[:, int(0.2 * y):int(0.8 * y), int(0.12 * x):int(0.88 * x)] = True
+    lungs = ((hu < -400) & central).astype(np.uint8)  # crude: air-like voxels in the chest's central region
+    return vol, lungs
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_real_ct_end_to_end(tmp_path, real_ct, dims):
+    vol, lungs = real_ct
+    torch.manual_seed(1)
+    extra = {"slice_size": [64, 64]} if dims == 2 else {"spacing_zyx": [6.0, 6.0, 6.0], "patch_size": [16, 32, 32]}
+    path = _checkpoint(tmp_path, f"test-pred-tiny{dims}d", _tiny(dims), dims,
+                       intensity={"name": "mu_sigma", "mu": -500.0, "sigma": 500.0}, **extra)
+    model = NetworkModel(path, device="cpu", batch_size=32 if dims == 2 else 2, margin_mm=0.0)
+    prob = model.predict(vol, lungs)
+    assert prob.shape == vol.shape and prob.dtype == np.float32
+    assert np.isfinite(prob).all() and 0.0 <= prob.min() and prob.max() <= 1.0
+    box = _box_mask(lungs > 0)
+    assert not prob[~box].any()
+    assert (prob[lungs > 0] > 0).mean() > 0.99
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every registered architecture (skips until the networks land)
+# ------------------------------------------------------------------------------------------------------------
+
+_REAL = sorted(a for a in registry.architectures() if not a.startswith("test-"))
+
+
+@pytest.mark.parametrize("arch_id", _REAL or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no architectures registered yet (models/_load_all.py is empty)"))])
+def test_registered_architecture_runs_in_predictor(tmp_path, arch_id):
+    arch = registry.architectures()[arch_id]
+    args = dict(arch.tiny_args)
+    dims = int(args.get("spatial_dims", arch.dims[0]))
+    torch.manual_seed(0)
+    net = registry.build({"arch": arch_id, "args": args})
+    in_channels = int(args.get("in_channels", 1))
+    out_channels = int(args.get("out_channels", 1))
+    extra = {"slice_size": [32, 32]} if dims == 2 else {"spacing_zyx": [2.5, 1.6, 1.6], "patch_size": [16, 32, 32]}
+    output = {"activation": "sigmoid"} if out_channels == 1 else {"activation": "softmax", "foreground_channel": 1}
+    labels = {str(i): ("background" if i == 0 else f"class{i}") for i in range(max(out_channels, 2))}
+    spec = _spec(dims, **extra)
+    spec["in_channels"] = in_channels
+    # The file round trip of every architecture is tested in Testing/models/test_checkpoint.py; here the
+    # predictor takes the Checkpoint object directly.
+    ckpt = Checkpoint(model_config={"arch": arch_id, "args": args}, input_spec=spec, labels=labels, output=output,
+                      task="infection", model_id=arch_id, version="0", description="", provenance={},
+                      state_dict=net.state_dict())
+    model = NetworkModel(ckpt, device="cpu", margin_mm=0.0, batch_size=4)
+    hu, lung_labels, _ = _phantom()
+    lung_labels[:5] = 0  # a few slices are enough to exercise the network
+    lung_labels[9:] = 0
+    prob = model.predict(_volume(hu), lung_labels)
+    assert prob.shape == hu.shape and prob.dtype == np.float32
+    assert np.isfinite(prob).all() and prob.min() >= 0.0 and prob.max() <= 1.0
+    assert not prob[~_box_mask(lung_labels > 0)].any()
