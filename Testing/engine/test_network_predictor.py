@@ -16,7 +16,7 @@ from COVIDLesionSegLib.network_predictor import (DeviceError, NetworkInfectionMo
                                                  resolve_device, split_right_left)
 from COVIDLesionSegLib.predictor import InfectionModel, LungModel
 from COVIDLesionSegLib.progress import Cancelled
-from COVIDLesionSegLib.volume import CTVolume
+from COVIDLesionSegLib.volume import CTVolume, Geometry
 from Testing.conftest import shared_file
 
 torch.set_num_threads(2)
@@ -391,7 +391,9 @@ _REAL = sorted(a for a in registry.architectures() if not a.startswith("test-"))
 
 @pytest.mark.parametrize("arch_id", _REAL or [pytest.param(None, marks=pytest.mark.skip(
     reason="no architectures registered yet (models/_load_all.py is empty)"))])
-def test_registered_architecture_runs_in_predictor(tmp_path, arch_id):
+def test_registered_architecture_segments_a_real_ct(tmp_path, real_ct, arch_id):
+    """Every registered network (tiny configuration, random weights) runs inside the engine's predictor on
+    the real P001 CT and its result maps back onto the file's exact geometry."""
     arch = registry.architectures()[arch_id]
     args = dict(arch.tiny_args)
     dims = int(args.get("spatial_dims", arch.dims[0]))
@@ -399,7 +401,7 @@ def test_registered_architecture_runs_in_predictor(tmp_path, arch_id):
     net = registry.build({"arch": arch_id, "args": args})
     in_channels = int(args.get("in_channels", 1))
     out_channels = int(args.get("out_channels", 1))
-    extra = {"slice_size": [32, 32]} if dims == 2 else {"spacing_zyx": [2.5, 1.6, 1.6], "patch_size": [16, 32, 32]}
+    extra = {"slice_size": [32, 32]} if dims == 2 else {"spacing_zyx": [4.0, 4.0, 4.0], "patch_size": [16, 32, 32]}
     output = {"activation": "sigmoid"} if out_channels == 1 else {"activation": "softmax", "foreground_channel": 1}
     labels = {str(i): ("background" if i == 0 else f"class{i}") for i in range(max(out_channels, 2))}
     spec = _spec(dims, **extra)
@@ -410,10 +412,16 @@ def test_registered_architecture_runs_in_predictor(tmp_path, arch_id):
                       task="infection", model_id=arch_id, version="0", description="", provenance={},
                       state_dict=net.state_dict())
     model = NetworkModel(ckpt, device="cpu", margin_mm=0.0, batch_size=4)
-    hu, lung_labels, _ = _phantom()
-    lung_labels[:5] = 0  # a few slices are enough to exercise the network
-    lung_labels[9:] = 0
-    prob = model.predict(_volume(hu), lung_labels)
-    assert prob.shape == hu.shape and prob.dtype == np.float32
+    vol, lungs = real_ct
+    lung_labels = lungs.copy()
+    middle = vol.shape[0] // 2
+    lung_labels[: middle - 4] = 0  # a few slices are enough to exercise the network on CPU
+    lung_labels[middle + 4:] = 0
+    prob = model.predict(vol, lung_labels)
+    assert prob.shape == vol.shape and prob.dtype == np.float32
     assert np.isfinite(prob).all() and prob.min() >= 0.0 and prob.max() <= 1.0
     assert not prob[~_box_mask(lung_labels > 0)].any()
+    assert prob[lung_labels > 0].max() > 0.0
+    mask_image = vol.to_input_geometry((prob >= 0.5).astype(np.uint8))
+    source = sitk.ReadImage(str(shared_file("ct/covidctmd_p001_ct.nii.gz")))
+    assert Geometry.of(mask_image) == Geometry.of(source)
