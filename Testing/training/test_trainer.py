@@ -1,0 +1,355 @@
+"""The trainer and the supervised procedure: real steps on the shared data, overfitting four COVID-19-CT-Seg
+slices, best-model selection, exact resume (at an epoch boundary and mid-epoch), the 3D path on volumes
+written in the COVID-19-CT-Seg layout, and the procedure hook interface."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from Testing.conftest import shared_file
+from training.config import ConfigError, config_from_dict
+from training.procedures import Procedure, StepOutput, get_procedure, procedures, register_procedure
+from training.runs import RunDir, RunError, load_training_state, read_json
+from training.trainer import Trainer, TrainingInterrupted
+
+torch.set_num_threads(2)
+
+CTSEG2D = "covid19ctseg2d"
+
+
+def ctseg2d_root() -> str:
+    return str(shared_file(f"{CTSEG2D}/covid19ctseg2d.npz").parent)
+
+
+def largest_infection_ids(groups=(0, 1, 2, 3), per_group: int = 1) -> list[str]:
+    """Ids of the slices with the most infection in each of ``groups`` (real, non-trivial targets)."""
+    data = np.load(shared_file(f"{CTSEG2D}/covid19ctseg2d.npz"))
+    inf, grp = data["infection"], data["group"]
+    ids = []
+    for g in groups:
+        rows = np.flatnonzero(grp == g)
+        order = rows[np.argsort(-inf[rows].sum(axis=(1, 2)), kind="stable")]
+        ids += [f"ctseg2d_{i:04d}" for i in sorted(order[:per_group])]
+    return ids
+
+
+def tiny_config(**over) -> dict:
+    """A small 2D config on the shared slices (tests); ``over`` is merged (dotted keys allowed)."""
+    cfg = {
+        "name": "tiny",
+        "seed": 3,
+        "model": {"arch": "nnunet", "args": {"spatial_dims": 2, "channels": [4, 8, 16], "strides": [1, 2, 2],
+                                             "kernel_sizes": [3, 3, 3], "deep_supervision": True}},
+        "data": {"reader": "covid19ctseg2d", "root": ctseg2d_root(), "target": "infection",
+                 "transforms": "slice_2d", "transform_args": {"size": 64, "intensity": "uint8_01"},
+                 "max_cases_per_group": 2},
+        "protocol": {"name": "ctseg2d", "n_folds": 2, "fold": 0},
+        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0},
+        "schedule": {"name": "poly"},
+        "train": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False},
+        "eval": {"unit": "group", "batch_size": 16, "metrics": ["dsc", "nsd", "sensitivity", "specificity",
+                                                               "precision", "f1", "accuracy", "voe", "rvd"]},
+        "export": {"input": {"intensity": {"name": "ctseg2d_domain"}}},
+    }
+    for key, value in over.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = copy.deepcopy(value)
+    return config_from_dict(cfg)
+
+
+def weights(trainer_or_state) -> dict[str, torch.Tensor]:
+    if isinstance(trainer_or_state, Trainer):
+        return {k: v.detach().clone() for k, v in trainer_or_state.model.state_dict().items()}
+    return trainer_or_state["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (max |diff| {float((a[k].float() - b[k].float()).abs().max())})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real training on the shared slices
+# ----------------------------------------------------------------------------------------------------------
+
+def test_overfits_four_covid19ctseg_slices(tmp_path):
+    """A 2D nnU-Net (8-16-32-64) learns four real COVID-19-CT-Seg slices at 128 px to test DSC > 0.9."""
+    ids = largest_infection_ids()
+    cfg = tiny_config(**{
+        "model.args.channels": [8, 16, 32, 64], "model.args.strides": [1, 2, 2, 2],
+        "model.args.kernel_sizes": [3, 3, 3, 3], "data.max_cases_per_group": None,
+        "data.groups": ["0", "1", "2", "3"],
+        "data.transform_args": {"size": 128, "intensity": "uint8_01", "flip": False, "rotate_deg": 0.0,
+                                "scale": [1.0, 1.0]},
+        "protocol": {"name": "fixed", "train": ids}, "optim.lr": 1e-2, "schedule.name": "constant",
+        "train.epochs": 8, "train.iterations_per_epoch": 10, "train.batch_size": 4, "eval.unit": "case"})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    summary = trainer.fit()
+    assert summary["status"] == "completed" and summary["n_train"] == 4 and summary["n_test"] == 0
+    # overfitting: the training slices, predicted with the evaluation pipeline (no augmentation)
+    rows, _ = trainer.evaluate("train", metrics=["dsc"], unit="case")
+    assert [r["case"] for r in rows] == ids
+    dsc = [r["dsc"] for r in rows]
+    assert min(dsc) > 0.85 and np.mean(dsc) > 0.9, dsc
+    log = read_json(tmp_path / "run" / "log.json")
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+
+
+def test_supervised_real_steps_validation_and_outputs(tmp_path):
+    """Real steps on the shared data: finite, falling loss; validation each epoch selects best.pt; log,
+    split, per-group test metrics and summary are written and consistent."""
+    cfg = tiny_config(**{"protocol.val_fraction": 0.25, "train.epochs": 4, "train.iterations_per_epoch": 5,
+                         "train.batch_size": 4, "data.max_cases_per_group": 4, "eval.val_metrics": ["dsc", "voe"]})
+    run = RunDir(tmp_path / "run")
+    summary = Trainer(cfg, run.path, device="cpu").fit()
+    log = read_json(run.log_json)
+    losses = [r["train_loss"] for r in log]
+    assert len(log) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    assert all(k in log[0] for k in ("lr", "val_loss", "val_dsc", "val_voe", "epoch_time_s", "samples_per_s"))
+    assert log[1]["lr"] < log[0]["lr"]  # poly decay
+    # best.pt holds the epoch with the highest validation DSC
+    best_epoch = max(range(4), key=lambda i: (log[i]["val_dsc"], -i)) + 1
+    assert summary["best"]["epoch"] == best_epoch == load_training_state(run.best)["epoch"]
+    assert summary["best"]["metric"] == "val_dsc"
+    split = read_json(run.split)
+    train_groups = {split["groups"][i] for i in split["train"]}
+    val_groups = {split["groups"][i] for i in split["val"]}
+    test_groups = {split["groups"][i] for i in split["test"]}
+    assert len(train_groups) == 3 and len(val_groups) == 1 and len(test_groups) == 14
+    assert not (train_groups & val_groups) and not (train_groups & test_groups)
+    assert {str(g) for g in range(10, 20)} <= test_groups  # the Radiopaedia block stays on the test side
+    rows = run.read_test_metrics()["cases"]
+    assert {r["group"] for r in rows} == test_groups
+    for r in rows:
+        assert 0.0 <= r["dsc"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+    assert summary["test_mean"]["dsc"] == pytest.approx(np.mean([r["dsc"] for r in rows]))
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+    assert (run.path / "log.csv").read_text().count("\n") == 5
+
+
+def test_early_stopping_by_patience(tmp_path):
+    """With min_delta impossible to beat, training stops after `patience` validation rounds."""
+    cfg = tiny_config(**{"protocol.val_fraction": 0.25, "train.epochs": 6, "train.iterations_per_epoch": 1,
+                         "train.patience": 2, "train.min_delta": 10.0, "eval.test": False})
+    summary = Trainer(cfg, tmp_path / "run", device="cpu").fit()
+    assert summary["status"] == "early_stopped"
+    assert summary["epochs_completed"] == 3 and summary["best"]["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------------
+
+def _resume_config():
+    # augmentation on (flips, affine) and a validation set: the resumed run must replay both exactly
+    return tiny_config(**{"protocol.val_fraction": 0.25, "train.epochs": 3, "train.iterations_per_epoch": 3,
+                          "eval.test": False})
+
+
+def test_resume_after_epoch_matches_uninterrupted_run(tmp_path):
+    cfg = _resume_config()
+    full = Trainer(cfg, tmp_path / "full", device="cpu")
+    full.fit()
+    reference = weights(full)
+
+    first = Trainer(cfg, tmp_path / "split", device="cpu")
+    with pytest.raises(TrainingInterrupted):
+        first.fit(stop_after_epoch=1)
+    state = load_training_state(tmp_path / "split" / "last.pt")
+    assert state["epoch"] == 1 and state["iteration"] == 0
+    assert RunDir(tmp_path / "split").read_summary()["status"] == "interrupted"
+    with pytest.raises(RunError, match="--resume"):
+        Trainer(cfg, tmp_path / "split", device="cpu").fit()  # refuses to overwrite
+    resumed = Trainer(cfg, tmp_path / "split", device="cpu", resume=True)
+    summary = resumed.fit()
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert_same_weights(reference, weights(resumed))
+    a, b = read_json(tmp_path / "full" / "log.json"), read_json(tmp_path / "split" / "log.json")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_dsc"] for r in a] == [r["val_dsc"] for r in b]
+    with pytest.raises(RunError, match="already finished"):
+        Trainer(cfg, tmp_path / "split", device="cpu", resume=True).fit()
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
+    """A stop in the middle of an epoch (what Ctrl-C does) saves the step; resuming replays the epoch's data
+    and RNG so the final weights are bit-identical."""
+    cfg = _resume_config()
+    full = Trainer(cfg, tmp_path / "full", device="cpu")
+    full.fit()
+
+    first = Trainer(cfg, tmp_path / "split", device="cpu")
+    original = first.procedure.training_step
+
+    def step(model, batches, info):
+        if info.global_step == 4:  # epoch 2, second step
+            first.request_stop()
+        return original(model, batches, info)
+
+    first.procedure.training_step = step
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    state = load_training_state(tmp_path / "split" / "last.pt")
+    assert (state["epoch"], state["iteration"]) == (1, 2)
+    resumed = Trainer(cfg, tmp_path / "split", device="cpu", resume=True)
+    resumed.fit()
+    assert_same_weights(weights(full), weights(resumed))
+    assert [r["train_loss"] for r in read_json(tmp_path / "full" / "log.json")] == \
+        [r["train_loss"] for r in read_json(tmp_path / "split" / "log.json")]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = _resume_config()
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path / "r", device="cpu").fit(stop_after_epoch=1)
+    changed = copy.deepcopy(cfg)
+    changed["optim"]["lr"] = 0.5
+    with pytest.raises(RunError, match="optim.lr"):
+        Trainer(changed, tmp_path / "r", device="cpu", resume=True).fit()
+    with pytest.raises(RunError, match="nothing to resume"):
+        Trainer(cfg, tmp_path / "empty", device="cpu", resume=True).fit()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3D: volumes in the COVID-19-CT-Seg layout, nnU-Net pipeline, sliding-window evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+def write_covid19ctseg_layout(root: Path, n: int = 2, shape=(20, 40, 44), spacing=(0.8, 0.8, 2.0)) -> list[str]:
+    """Small HU volumes with a 'lung' and a spherical 'infection', written as COVID-19-CT-Seg's Zenodo folders."""
+    rng = np.random.default_rng(0)
+    (root / "COVID-19-CT-Seg_20cases").mkdir(parents=True)
+    (root / "Infection_Mask").mkdir()
+    (root / "Lung_Mask").mkdir()
+    ids = []
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    for k in range(1, n + 1):
+        img = np.full(shape, 40.0, np.float32) + rng.normal(0, 10, shape).astype(np.float32)
+        lung = ((y - 20) ** 2 / 15 ** 2 + (x - 22) ** 2 / 17 ** 2 < 1) & (z > 1) & (z < shape[0] - 2)
+        img[lung] = -850
+        c = (10, 18 + k, 20 + 2 * k)
+        inf = ((z - c[0]) ** 2 * 4 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 36) & lung
+        img[inf] = -250
+        for folder, arr, name in (("COVID-19-CT-Seg_20cases", img, f"coronacases_org_{k:03d}.nii.gz"),
+                                  ("Infection_Mask", inf.astype(np.uint8), f"coronacases_{k:03d}.nii.gz"),
+                                  ("Lung_Mask", lung.astype(np.uint8), f"coronacases_{k:03d}.nii.gz")):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing(spacing)
+            im.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS-like storage: the reader reorients to LPS
+            sitk.WriteImage(im, str(root / folder / name))
+        ids.append(f"coronacases_{k:03d}")
+    return ids
+
+
+def config_3d(root: Path, ids: list[str], **over) -> dict:
+    cfg = {
+        "name": "tiny3d", "seed": 1,
+        "model": {"arch": "nnunet", "args": {"spatial_dims": 3, "channels": [4, 8, 16], "strides": [1, 2, 2],
+                                             "kernel_sizes": [3, 3, 3]}},
+        "data": {"reader": "covid19ctseg", "root": str(root), "target": "infection", "transforms": "nnunet_3d",
+                 "transform_args": {"target_spacing": "auto", "intensity": "fit", "patch_size": [8, 16, 16],
+                                    "num_samples": 2}},
+        "protocol": {"name": "fixed", "train": ids[:1], "test": ids[1:]},
+        "train": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False},
+        "eval": {"metrics": ["dsc", "nsd", "sensitivity", "voe"], "batch_size": 4},
+    }
+    cfg.update(over)
+    return config_from_dict(cfg)
+
+
+def test_3d_nnunet_pipeline_trains_and_evaluates_on_native_grid(tmp_path):
+    ids = write_covid19ctseg_layout(tmp_path / "data")
+    cfg = config_3d(tmp_path / "data", ids)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    summary = trainer.fit()
+    prep = read_json(tmp_path / "run" / "preprocessing.json")["data"]
+    assert prep["target_spacing"] == pytest.approx([2.0, 0.8, 0.8])  # (z, y, x) of the one training volume
+    assert prep["intensity"]["name"] == "ct_zscore" and -400 < prep["intensity"]["mean"] < -100
+    log = read_json(tmp_path / "run" / "log.json")
+    assert len(log) == 2 and all(np.isfinite(r["train_loss"]) for r in log)
+    rows = RunDir(tmp_path / "run").read_test_metrics()["cases"]
+    assert [r["case"] for r in rows] == ids[1:]
+    assert 0.0 <= rows[0]["dsc"] <= 1.0 and 0.0 <= rows[0]["nsd"] <= 1.0
+    assert summary["test_mean"]["dsc"] == pytest.approx(rows[0]["dsc"])
+    # evaluation runs on the native grid: prediction shape equals the label's
+    item = trainer.dataset("data", "test", train_transforms=False)[0]
+    logits = trainer._predict_volume(item["image"], item["spacing"])
+    assert tuple(logits.shape[2:]) == tuple(item["infection"].shape[1:]) == (20, 40, 44)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The procedure hook interface
+# ----------------------------------------------------------------------------------------------------------
+
+def test_procedure_registry_and_options():
+    assert "supervised" in procedures()
+    assert get_procedure("supervised").name == "supervised"
+    with pytest.raises(ConfigError, match="did you mean 'supervised'"):
+        tiny_config(procedure={"name": "supervisd"})
+    with pytest.raises(ConfigError, match="unknown option procedure.lambda_g"):
+        tiny_config(procedure={"name": "supervised", "lambda_g": 1.0})
+
+
+@register_procedure
+class _TwoBatchProcedure(Procedure):
+    """Test procedure: a second data set each step, an option, frozen parameters and its own state."""
+
+    name = "test_two_batch"
+    summary = "test only"
+    options = {"aux_weight": 0.5}
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.steps_seen = 0
+
+    def build_model(self):
+        model = super().build_model()
+        for p in list(model.encoder.parameters())[:2]:
+            p.requires_grad_(False)
+        return model
+
+    def train_datasets(self):
+        return {"main": self.trainer.dataset("data", "train"), "aux": self.trainer.dataset("aux_data.aux", "all")}
+
+    def training_step(self, model, batches, step):
+        assert set(batches) == {"main", "aux"}
+        self.steps_seen += 1
+        seg = self.loss_fn(model(batches["main"]["image"]), batches["main"][self.target])
+        aux = self.loss_fn(model(batches["aux"]["image"]), batches["aux"]["lung"])
+        return StepOutput(seg + self.opts["aux_weight"] * aux, {"seg": seg.detach(), "aux": aux.detach()})
+
+    def state_dict(self):
+        return {"steps_seen": self.steps_seen}
+
+    def load_state_dict(self, state):
+        self.steps_seen = int(state.get("steps_seen", 0))
+
+
+def test_custom_procedure_two_batches_frozen_params_and_state(tmp_path):
+    cfg = tiny_config(**{
+        "procedure": {"name": "test_two_batch", "aux_weight": 0.25}, "eval.test": False,
+        "aux_data": {"aux": {"reader": "covid19ctseg2d", "root": ctseg2d_root(), "target": "lung",
+                             "groups": ["12"], "max_cases_per_group": 3, "transform_args": {"size": 64}}}})
+    assert cfg["procedure"]["aux_weight"] == 0.25
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer.setup()
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert frozen
+    trainer.fit()
+    for n, p in trainer.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(frozen[n], p), n
+    log = read_json(tmp_path / "run" / "log.json")
+    assert "train_seg" in log[0] and "train_aux" in log[0]
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    assert state["procedure"] == {"steps_seen": 4}

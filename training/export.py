@@ -1,0 +1,138 @@
+"""Export a run's best model as an engine checkpoint (``COVIDLesionSegLib.models.checkpoint``).
+
+The written file is what the Slicer module and ``covidlesionseg`` load (``NetworkModel(path)``). Its input
+spec tells the engine how to feed the network exactly as training did:
+
+- 2D: ``slice_size`` = the training pipeline's ``size``; ``in_channels`` from the model; ``intensity`` =
+  ``export.input.intensity`` of the config - for the shared 2D slices ``ctseg2d_domain`` (HU scans mapped
+  into the slices' domain: window, per-slice stretch, CLAHE, /255 - the ``uint8_01`` scale training used;
+  its ``size`` is set to ``slice_size``, because the engine resizes before the intensity transform) - or the
+  pipeline's own HU spec (004: ``mu_sigma``; nCoVSegNet: ``hu_window_01`` and ``crop: lung_bbox``);
+- 3D: ``spacing_zyx`` = the training target spacing, ``patch_size`` = the training patch, ``intensity`` =
+  the fitted CT z-score (``preprocessing.json`` of the run).
+
+``export.input`` entries override the derived ones. Labels ``{"0": "background", "1": <task>}``, output
+activation sigmoid for a 1-channel network (softmax with foreground channel 1 otherwise) and the threshold
+``eval.threshold``. Provenance: data set, protocol and fold, training groups, epochs, best epoch and
+validation metric, the held-out (test) metrics of the run, the config name and paper, the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from training.runs import RunDir, RunError, load_training_state
+
+
+def _input_spec(config: Mapping[str, Any], preprocessing: Mapping[str, Any], state_dict) -> dict[str, Any]:
+    from COVIDLesionSegLib.models import architectures
+    from training import transforms as tf
+
+    arch = config["model"]["arch"]
+    args = config["model"]["args"]
+    adims = architectures()[arch].dims
+    dims = int(args.get("spatial_dims", adims[0] if len(adims) == 1 else 3))
+    data = config["data"]
+    targs = dict(data["transform_args"])
+    pipeline = data["transforms"]
+    spec: dict[str, Any] = {"dims": dims, "in_channels": int(args.get("in_channels", targs.get("channels", 1)))}
+    if dims == 2:
+        default_size = {"slice_2d": 256, "bizopoulos_004": 512, "ncovsegnet": 352}.get(pipeline, 256)
+        size = targs.get("size", default_size)
+        spec["slice_size"] = [int(size), int(size)]
+        intensity = targs.get("intensity")
+        if pipeline == "bizopoulos_004":
+            intensity = tf.MU_SIGMA_004 if targs.get("normalisation", "hu") == "hu" else None
+        elif pipeline == "ncovsegnet":
+            intensity = targs.get("intensity", tf.NCOVSEGNET_WINDOW_01)
+            if targs.get("crop_lungs", True):
+                spec["crop"] = "lung_bbox"
+        if isinstance(intensity, Mapping):
+            spec["intensity"] = dict(intensity)
+    else:
+        prep = preprocessing.get("data", {})
+        if not prep.get("target_spacing") or not isinstance(prep.get("intensity"), Mapping):
+            raise RunError("the run has no fitted 3D preprocessing (preprocessing.json with target_spacing and "
+                           "intensity); set export.input.spacing_zyx and export.input.intensity")
+        spec["spacing_zyx"] = [float(s) for s in prep["target_spacing"]]
+        spec["intensity"] = dict(prep["intensity"])
+        spec["patch_size"] = [int(p) for p in targs.get("patch_size", (56, 160, 192))]
+    spec.update(dict(config["export"]["input"]))
+    intensity = spec.get("intensity")
+    if dims == 2 and isinstance(intensity, Mapping) and intensity.get("name") == "ctseg2d_domain" \
+            and "size" not in intensity:
+        # The engine resizes a slice to slice_size and then applies the intensity transform, so the
+        # transform must produce that size. The 2D data were CLAHE-enhanced at 256 px; a network trained
+        # on slices resized to another size gets CLAHE at its own size (exact at 256, close otherwise).
+        spec["intensity"] = {**intensity, "size": spec["slice_size"][0]}
+    if "intensity" not in spec:
+        raise RunError(f"cannot derive the engine's intensity transform for pipeline {pipeline!r} with "
+                       f"intensity {targs.get('intensity')!r} (the engine sees HU CT); set export.input.intensity "
+                       "in the config (e.g. {name: ctseg2d_domain} for the shared 2D slices)")
+    return spec
+
+
+def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
+               which: str = "best", model_id: str | None = None) -> tuple[Path, str]:
+    """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
+
+    Raises:
+        RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
+        COVIDLesionSegLib.models.checkpoint.CheckpointError: the weights do not fit the architecture.
+    """
+    from COVIDLesionSegLib.models.checkpoint import save_checkpoint
+    from training.procedures import get_procedure
+
+    rd = RunDir(run)
+    if not rd.config.exists():
+        raise RunError(f"{rd.path} is not a run folder (no config.json)")
+    config = rd.read_config()
+    ckpt_path = rd.best if which == "best" else rd.last
+    if not ckpt_path.exists():
+        raise RunError(f"{rd.path} has no {ckpt_path.name}; train the run first")
+    state = load_training_state(ckpt_path)
+    preprocessing = state.get("preprocessing") or {}
+    proc_cls = get_procedure(config["procedure"]["name"])
+    state_dict, model_config = proc_cls.export_model(config, state["model"])
+    out_channels = int(model_config["args"].get("out_channels", 1))
+    input_spec = _input_spec(config, preprocessing, state_dict)
+    summary = rd.read_summary() if rd.summary.exists() else {}
+    test_mean = {k: v for k, v in (summary.get("test_mean") or {}).items() if v is not None}
+    ex = config["export"]
+    task = config["task"]
+    labels = ex["labels"] or {"0": "background", "1": task}
+    output_spec = {"activation": "sigmoid" if out_channels == 1 else "softmax",
+                   "threshold": float(config["eval"]["threshold"])}
+    if out_channels > 1:
+        output_spec["foreground_channel"] = 1
+    output_spec.update(dict(ex["output"]))
+    fold = int(config["protocol"]["fold"])
+    provenance = {
+        "data": {"reader": config["data"]["reader"], "target": config["data"]["target"],
+                 "root": Path(str(config["data"]["root"])).name},
+        "protocol": {"name": config["protocol"]["name"], "fold": fold,
+                     "train_groups": summary.get("train_groups", []), "n_train": summary.get("n_train"),
+                     "n_test": summary.get("n_test")},
+        "procedure": config["procedure"]["name"],
+        "config": config["name"],
+        "paper": config["paper"],
+        "epochs": int(state["epoch"]),
+        "max_epochs": int(config["train"]["epochs"]),
+        "checkpoint": which,
+        "best": state.get("best") or {},
+        "metrics": {"held_out": test_mean, "unit": config["eval"]["unit"]},
+        "run": str(rd.path),
+        **dict(ex["provenance"]),
+    }
+    out = Path(output) if output else rd.path / "model.pt"
+    sha = save_checkpoint(out, state_dict, model_config=model_config, input_spec=input_spec, labels=labels,
+                          output=output_spec, task=task,
+                          model_id=model_id or ex["model_id"] or f"{config['name']}-fold{fold}",
+                          version=str(ex["version"]), description=ex["description"] or config["description"],
+                          provenance=provenance, half=half)
+    return out, sha
+
+
+__all__ = ["export_run"]
