@@ -165,6 +165,7 @@ def verify_models() -> list[tuple[ModelEntry, str]]:
 def import_model(path: str | os.PathLike, overwrite: bool = False) -> ModelEntry:
     """Copy a checkpoint into the cache after loading it (format and tensor checksums verified)."""
     from .models.checkpoint import file_sha256, load_checkpoint
+    from .outputs import atomic_write, atomic_write_text
 
     src = Path(path)
     try:
@@ -177,12 +178,8 @@ def import_model(path: str | os.PathLike, overwrite: bool = False) -> ModelEntry
     sidecar = target.with_name(target.name + ".json")
     if (target.exists() or sidecar.exists()) and not overwrite:
         raise ModelError(f"{target} already exists; pass --overwrite to replace it")
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(src, tmp))
     record = {"id": ckpt.model_id, "version": ckpt.version, "task": ckpt.task, "description": ckpt.description,
               "file": target.name, "sha256": file_sha256(target), "provenance": ckpt.provenance}
-    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp_sidecar.write_text(json.dumps(record, indent=2))
-    os.replace(tmp_sidecar, sidecar)
+    atomic_write_text(sidecar, json.dumps(record, indent=2))
     return _entry_from_record(record, target_dir, "cache")

@@ -89,6 +89,9 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], Any]) -> Path:
         write_fn(tmp)
         if not tmp.is_file():
             raise RuntimeError(f"writer for {path} did not create its output file")
+        # Flush to disk before the rename, so a power cut cannot leave a complete-looking empty file.
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

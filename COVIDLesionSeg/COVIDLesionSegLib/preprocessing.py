@@ -282,7 +282,12 @@ def resize_volume(volume: Any, shape: Sequence[int], mode: str = "trilinear") ->
 
     shape = tuple(int(s) for s in shape)
     is_numpy = not isinstance(volume, torch.Tensor)
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)) if is_numpy else volume
+    if is_numpy:
+        array = np.ascontiguousarray(volume, dtype=np.float32)
+        # torch cannot wrap read-only memory (e.g. a view of a SimpleITK image): copy only then.
+        t = torch.from_numpy(array if array.flags.writeable else array.copy())
+    else:
+        t = volume
     if t.ndim not in (3, 4):
         raise ValueError(f"resize_volume expects (d, h, w) or (c, d, h, w), got shape {tuple(t.shape)}")
     squeeze = t.ndim == 3

@@ -23,7 +23,6 @@ ends with ``sys.exit`` so that Slicer quits.
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -156,15 +155,16 @@ def save_segmentation(segmentation_node, path: Path) -> Path:
     """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic: temporary file, then rename)."""
     import slicer
 
-    tmp = path.with_name(f".{path.name[:-len('.seg.nrrd')]}.tmp.seg.nrrd")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(tmp))
-    storage.SetUseCompression(1)
-    if not storage.WriteData(segmentation_node):
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
-    os.replace(tmp, path)
-    return path
+    from COVIDLesionSegLib.outputs import atomic_write
+
+    def write(tmp: Path) -> None:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(tmp))
+        storage.SetUseCompression(1)
+        if not storage.WriteData(segmentation_node):
+            raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
+
+    return atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------------------

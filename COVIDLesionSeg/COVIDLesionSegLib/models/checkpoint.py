@@ -51,7 +51,6 @@ import json
 import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,6 +58,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from ..outputs import atomic_write
 
 FORMAT = "covidlesionseg-checkpoint"
 FORMAT_VERSION = 1
@@ -343,21 +344,8 @@ def _write(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: d
     payload["metadata_sha256"] = metadata_sha256(meta)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Atomic: a reader sees either the old file or the complete new one, never a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return file_sha256(path)
 
 
