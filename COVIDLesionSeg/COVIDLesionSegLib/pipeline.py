@@ -236,7 +236,8 @@ def _record_failure(report: BatchReport, path, message: str, on_error) -> None:
 
 def _model_record(model) -> dict[str, str]:
     info = model.info
-    return {"id": info.model_id, "version": info.version, "device": getattr(model, "device", info.device)}
+    # str(): a network model's device is a torch.device, the report is JSON.
+    return {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
 
 
 def _emit(callback: Optional[StageCallback], stage: str, fraction: float, message: str) -> None:

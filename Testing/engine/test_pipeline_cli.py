@@ -200,3 +200,21 @@ def test_demo_runs_and_reports_agreement(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "agreement with the phantom's known truth" in out
     assert (tmp_path / "demo" / "synthetic_chest_ct.seg.nrrd").is_file()
+
+
+def test_segment_with_a_network_model(tmp_path):
+    """A shipped learned model runs through the CLI and its device lands in the JSON report."""
+    from COVIDLesionSegLib import catalogue
+
+    networks = [e for e in catalogue.list_models() if e.source == "shipped" and e.available and e.task == "infection"]
+    if not networks:
+        pytest.skip("no learned infection model is shipped")
+    ct, _ = _phantom_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(ct), "-o", str(out), "--model", networks[0].model_id, "--device", "cpu",
+                 "--quiet"]) == 0
+    report = json.loads((out / "phantom.json").read_text())
+    assert report["models"]["infection"] == {"id": networks[0].model_id, "version": networks[0].version,
+                                             "device": "cpu"}
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_labels.nii.gz")))
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
