@@ -123,6 +123,15 @@ def case_supervised_3d(quick: bool, workdir: Path) -> dict[str, Any]:
 CASES: dict[str, tuple[str, Callable[[bool, Path], dict[str, Any]]]] = {
     "supervised_2d": ("supervised", case_supervised_2d),
     "supervised_3d": ("supervised", case_supervised_3d),
+    # The papers' procedures at the sizes of the CPU comparison run (training/protocol_2d.py: bench_config,
+    # configs/protocol2d_*_cpu.yaml, grid004_medseg_cpu.yaml); transfer cases start from a stand-in checkpoint.
+    **{case: (procedure, lambda quick, workdir, _case=case: __import__(
+        "training.protocol_2d", fromlist=["bench_config"]).bench_config(_case, quick, workdir))
+       for case, procedure in [("multilesion", "multilesion"), ("continual", "continual"),
+                               ("body_finetune", "body_finetune"), ("lesion_representations", "lesion_representations"),
+                               ("hybrid_encoder", "hybrid_encoder"), ("multi_encoder", "multi_encoder"),
+                               ("collaborative", "collaborative"), ("ncovsegnet", "ncovsegnet"),
+                               ("grid004", "grid004")]},
 }
 
 

@@ -70,7 +70,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _PROCEDURES: dict[str, type["Procedure"]] = {}
 
 #: Modules that define procedures; importing them registers their classes. Add new procedure modules here.
-PROCEDURE_MODULES: list[str] = ["training.procedures.supervised"]
+PROCEDURE_MODULES: list[str] = ["training.procedures.supervised", "training.procedures.multilesion",
+                                 "training.procedures.transfer", "training.procedures.collaborative",
+                                 "training.procedures.ncovsegnet", "training.procedures.grid004"]
 
 
 @dataclass
