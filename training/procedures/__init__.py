@@ -320,14 +320,12 @@ class _Constant:
         return 1.0
 
 
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    """Model weights from an engine checkpoint (``models/checkpoint.py``) or a training checkpoint
-    (``last.pt``/``best.pt`` of a run, or a run folder: its ``best.pt``)."""
+def open_weights_file(path: str) -> tuple["Path", Any]:
+    """Resolve a ``model.init`` source (a weights file, or a run folder: its ``best.pt``) and read its header
+    lazily (memory-mapped). Raises :class:`ProcedureError` for a missing or unreadable file."""
     from pathlib import Path
 
-    from COVIDLesionSegLib.models.checkpoint import FORMAT, load_checkpoint
     from training.config import expand_path
-    from training.runs import TRAINING_FORMAT, load_training_state
 
     p = Path(expand_path(path))
     if p.is_dir():
@@ -338,6 +336,16 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         head = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ProcedureError(f"model.init: cannot read {p}: {exc}") from None
+    return p, head
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Model weights from an engine checkpoint (``models/checkpoint.py``) or a training checkpoint
+    (``last.pt``/``best.pt`` of a run, or a run folder: its ``best.pt``)."""
+    from COVIDLesionSegLib.models.checkpoint import FORMAT, load_checkpoint
+    from training.runs import TRAINING_FORMAT, load_training_state
+
+    p, head = open_weights_file(path)
     fmt = head.get("format") if isinstance(head, dict) else None
     if fmt == FORMAT:
         return load_checkpoint(p).state_dict
@@ -350,5 +358,5 @@ def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ = ["Procedure", "ProcedureError", "StepInfo", "StepOutput", "get_procedure", "load_weights", "procedures",
+__all__ = ["Procedure", "ProcedureError", "StepInfo", "StepOutput", "get_procedure", "load_weights", "open_weights_file", "procedures",
            "register_procedure", "validate_procedure_options"]

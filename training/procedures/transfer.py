@@ -46,13 +46,12 @@ eval mode during training.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, register_procedure
+from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, open_weights_file, register_procedure
 from .multilesion import poly_scheduler
 
 
@@ -63,19 +62,10 @@ from .multilesion import poly_scheduler
 def pretrained_info(path: str) -> dict[str, Any]:
     """What a ``model.init`` source tells about its training: ``{"epochs", "max_epochs", "horizon",
     "config"}`` for training checkpoints and run folders (``None`` values for engine checkpoints)."""
-    from training.config import expand_path
     from training.runs import TRAINING_FORMAT, load_training_state
 
-    p = Path(expand_path(path))
-    if p.is_dir():
-        p = p / "best.pt"
+    p, head = open_weights_file(path)
     info: dict[str, Any] = {"epochs": None, "max_epochs": None, "horizon": None, "config": None}
-    if not p.exists():
-        raise ProcedureError(f"model.init: weights file not found: {p}")
-    try:
-        head = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ProcedureError(f"model.init: cannot read {p}: {exc}") from None
     if isinstance(head, dict) and head.get("format") == TRAINING_FORMAT:
         state = load_training_state(p)
         cfg = state.get("config") or {}

@@ -93,6 +93,14 @@ class FeatureEncoder(nn.Module):
     def output_stride(self) -> int:
         return 2 ** self.depth
 
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Default for encoders built as ``self.stages``: each stage's output is one feature map."""
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
 
 # ----------------------------------------------------------------------------------------------- ResNet
 def build_torchvision_layout_resnet(name_or_layers: str | tuple[int, ...], *, block: type[nn.Module] | None = None,
@@ -223,13 +231,6 @@ class DenseNetEncoder(FeatureEncoder):
         self.out_channels = tuple(channels[:depth])
         self.in_channels = in_channels
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
-
 
 # --------------------------------------------------------------------------------------------------- VGG
 class VGGEncoder(FeatureEncoder):
@@ -269,13 +270,6 @@ class VGGEncoder(FeatureEncoder):
         channels = [cfg[1][-1], cfg[2][-1], cfg[3][-1], cfg[4][-1], cfg[4][-1]]
         self.out_channels = tuple(channels[:depth])
         self.in_channels = in_channels
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
 
 
 # ------------------------------------------------------------------------------------------------ lookup
