@@ -90,6 +90,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "groups": None,             # keep only these groups (list of group ids as strings)
     "slice": False,             # cut 3D volumes into 2D slice items (2D models on 3D data)
     "slice_positive": None,     # with slice: keep only slices where this label has foreground
+    "crop_lungs": False,        # with slice: crop each 3D HU volume to its lungs' box before slicing (003)
     "transforms": "slice_2d",   # key of training.trainer.PIPELINES
     "transform_args": FREE,     # keywords of the pipeline factory (training part)
     "val_transform_args": FREE,  # overrides for the evaluation pipeline

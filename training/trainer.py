@@ -356,9 +356,14 @@ class Trainer:
         if not spec["slice"]:
             return [c.to_dict() for c in cases]
         targets = [spec["target"]] + list(spec["extra_targets"])
+        # nCoVSegNet (003) crops each volume to the box of an unsupervised lung mask before cutting slices; the
+        # engine's HU lung masking stands in for that mask (lung_key=None forces it even if a lung label exists).
+        crop = tf.CropToLungBoxd(["image"] + targets, lung_key=None) if spec["crop_lungs"] else None
         items = []
         for c in cases:
             loaded = ds.load_case(c, targets)
+            if crop is not None:
+                loaded = crop(loaded)
             items += ds.slice_items(loaded, keys=["image"] + targets, require_positive=spec["slice_positive"])
         if not items:
             raise TrainingError(f"{key}: slicing {len(cases)} volume(s) gave no slices "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -415,3 +416,19 @@ def test_paper_configs_validate(name, monkeypatch):
                                         "collaborative", "ncovsegnet", "grid004"}
     if not name.endswith("_cpu.yaml"):
         assert cfg["train"]["epochs"] >= 50      # full scale: the papers' epochs
+
+
+def test_volume_lung_crop_before_slicing(tmp_path):
+    """data.crop_lungs crops each HU volume to its lung box (engine's unsupervised lung mask) before slicing,
+    as 003 crops LIDC before training nCoVSegNet; the nodule slices stay and shrink in-plane."""
+    plain = make_trainer(base_config(data=lidc_data()), tmp_path / "plain")
+    cropped = make_trainer(base_config(data={**lidc_data(), "crop_lungs": True}), tmp_path / "cropped")
+    cases = plain.subset_cases("data", "all")
+    full = plain._items("data", cases)
+    crop = cropped._items("data", cases)
+    assert len(crop) == len(full) > 0                       # every nodule slice survives the crop
+    full_hw = np.asarray(full[0]["image"]).shape[-2:]
+    crop_hw = np.asarray(crop[0]["image"]).shape[-2:]
+    assert full_hw == (512, 512) and crop_hw[0] < 512 and crop_hw[1] < 512
+    assert sum(int(np.asarray(i["nodule"]).sum()) for i in crop) == sum(int(np.asarray(i["nodule"]).sum())
+                                                                        for i in full)
