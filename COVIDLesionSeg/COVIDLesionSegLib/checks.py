@@ -131,3 +131,27 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
             "this is not a chest CT in Hounsfield units"
         )
     return image, notes
+
+
+def as_binary_mask(mask: np.ndarray, name: str) -> np.ndarray:
+    """Return ``mask`` as a bool array, refusing anything that is not a boolean or 0/1 mask (one helper for
+    metrics, writers and quantification)."""
+    arr = np.asarray(mask)
+    if arr.dtype == bool:
+        return arr
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name} must be a boolean or 0/1 mask, found values in [{lo}, {hi}]; select one label first "
+                f"(e.g. labelmap == 3 for infection)")
+        return arr.astype(bool)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(
+                f"{name} must be a boolean or 0/1 mask but holds other values (probabilities?); threshold it "
+                f"first (e.g. prob >= 0.5)")
+        return arr.astype(bool)
+    raise ValueError(f"{name} has unsupported dtype {arr.dtype}; expected bool or a 0/1 integer array")

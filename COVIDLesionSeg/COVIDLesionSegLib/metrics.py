@@ -71,6 +71,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .checks import as_binary_mask
+
 # Display names, in report order. Keys are the keys of :func:`case_metrics` rows.
 METRIC_NAMES: dict[str, str] = {
     "dsc": "DSC",
@@ -93,32 +95,9 @@ DEFAULT_TAU_MM = 3.0  # Wang et al. 2021, section 4.1: tau = 3 mm for COVID-19 i
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def _as_binary(mask: np.ndarray, name: str) -> np.ndarray:
-    """Return ``mask`` as a bool array, refusing anything that is not a 0/1 mask."""
-    arr = np.asarray(mask)
-    if arr.dtype == bool:
-        return arr
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = arr.min(), arr.max()
-        if lo < 0 or hi > 1:
-            raise ValueError(
-                f"{name} must be a binary 0/1 mask, found values in [{lo}, {hi}]; select one label first "
-                f"(e.g. labelmap == 3 for infection)")
-        return arr.astype(bool)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all((arr == 0) | (arr == 1)):
-            raise ValueError(
-                f"{name} must be a binary 0/1 mask but holds other values (probabilities?); threshold it "
-                f"first (e.g. prob >= 0.5)")
-        return arr.astype(bool)
-    raise ValueError(f"{name} has unsupported dtype {arr.dtype}; expected bool or a 0/1 integer array")
-
-
 def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = _as_binary(pred, "pred")
-    r = _as_binary(ref, "ref")
+    p = as_binary_mask(pred, "pred")
+    r = as_binary_mask(ref, "ref")
     if p.shape != r.shape:
         raise ValueError(f"pred and ref must have the same shape, got {p.shape} and {r.shape}")
     if p.ndim not in (2, 3):

@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import LABEL_BACKGROUND, LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
+from .checks import as_binary_mask
 from .segments import SEGMENTS, TERMINOLOGY_TAG, SegmentDef
 from .volume import Geometry
 
@@ -171,12 +172,7 @@ def _check_masks(masks: Mapping[str, np.ndarray], geometry: Geometry) -> dict[st
         if arr.shape != shape_zyx:
             raise ValueError(f"segment {name!r}: mask shape {arr.shape} (z, y, x) does not match the geometry "
                              f"size {geometry.size} (x, y, z); masks must be on the input image's grid")
-        if arr.dtype != bool:
-            values = np.unique(arr)
-            if not np.all(np.isin(values, (0, 1))):
-                raise ValueError(f"segment {name!r}: mask must be boolean or 0/1, found values {values[:10]}")
-            arr = arr.astype(bool)
-        checked[name] = arr
+        checked[name] = as_binary_mask(arr, f"segment {name!r}")
     return checked
 
 

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
+from .checks import as_binary_mask
 
 LUNGS: tuple[str, ...] = ("right", "left")
 VERTICAL_ZONES: tuple[str, ...] = ("upper", "middle", "lower")
@@ -107,11 +108,7 @@ def _validate(lungs: np.ndarray, infection: np.ndarray,
     if bad:
         raise ValueError(f"lungs labelmap has values {bad}; expected only 0 (background), "
                          f"{LABEL_RIGHT_LUNG} (right lung) and {LABEL_LEFT_LUNG} (left lung)")
-    if infection.dtype != bool:
-        inf_values = np.unique(infection)
-        if not np.all(np.isin(inf_values, (0, 1))):
-            raise ValueError(f"infection must be a boolean or 0/1 mask, found values {inf_values[:10].tolist()}")
-        infection = infection.astype(bool)
+    infection = as_binary_mask(infection, "infection")
     spacing = np.asarray(spacing_zyx, dtype=float)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_zyx must be three positive numbers in mm (z, y, x), got {spacing_zyx!r}")
