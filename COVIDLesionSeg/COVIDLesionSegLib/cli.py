@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="NIfTI/NRRD/MHA file, DICOM series folder, or a folder of such files and series")
     seg.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
-    _add_model_options(seg)
+    add_model_options(seg)
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
                      help="the window an 8-bit (0-255) image was made with, to map it back to HU")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
     demo.add_argument("-o", "--output", type=Path, default=None, metavar="OUTDIR",
                       help="default: a new folder demo-output/run-<time> in the current folder")
-    _add_model_options(demo)
+    add_model_options(demo)
     demo.add_argument("--quiet", action="store_true")
 
     ev = sub.add_parser("evaluate", help="compare a predicted segmentation with a reference")
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --lung-model, --device, --lungs-only: shared by this CLI, the Slicer worker and batch.py."""
     p.add_argument("--model", default=None, metavar="ID", help="infection model id (see `models list`)")
     p.add_argument("--lung-model", default=None, metavar="ID", help="lung model id (default: the catalogue's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

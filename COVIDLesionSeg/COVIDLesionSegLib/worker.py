@@ -233,14 +233,13 @@ def run_worker(args, emit: _Emitter) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_model_options
+
     p = argparse.ArgumentParser(prog="infer_worker", description="COVIDLesionSeg segmentation worker "
                                 "(started by the Slicer module; prints JSON lines on stdout)")
     p.add_argument("--input", required=True, help="input CT (uncompressed NRRD written by the module)")
     p.add_argument("--output-dir", required=True, help="folder for masks.nrrd and report.json")
-    p.add_argument("--model", default="", help="infection model id (default: the catalogue's default)")
-    p.add_argument("--lung-model", default="", help="lung model id (default: the catalogue's default)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--lungs-only", action="store_true", help="segment the lungs only")
+    add_model_options(p)
     p.add_argument("--name", default="", help="case name for the report")
     return p
 

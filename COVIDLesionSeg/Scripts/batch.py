@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
+from COVIDLesionSegLib.cli import add_model_options  # noqa: E402
 from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
 
 
@@ -48,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_FILE",
                    help="CT files, DICOM series folders, or folders holding them")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--model", default="", help="infection model id (default: the catalogue's default)")
-    p.add_argument("--lung-model", default="", help="lung model id (default: the catalogue's default)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--lungs-only", action="store_true", help="segment the lungs only")
+    add_model_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and results.csv")
     return p
 
