@@ -234,6 +234,32 @@ def axial_display_slices(canonical: np.ndarray, indices: Sequence[int] | np.ndar
     raise ValueError(f"unknown display convention {convention!r}; use 'radiological' or 'neurological'")
 
 
+def _float_tensor(data: Any) -> tuple[Any, bool]:
+    """``(tensor, was_numpy)``: numpy arrays become float32 tensors (copied only when read-only, e.g. a view of
+    a SimpleITK image, which torch cannot wrap); tensors pass through."""
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        return data, False
+    array = np.ascontiguousarray(data, dtype=np.float32)
+    return torch.from_numpy(array if array.flags.writeable else array.copy()), True
+
+
+def _interpolate(t: Any, size: tuple[int, ...], mode: str, linear: str) -> Any:
+    """Resize the trailing spatial dims of ``t`` (N, C, *spatial): ``linear`` (half-pixel centres) or nearest."""
+    import torch.nn.functional as F
+
+    if tuple(t.shape[-len(size):]) == size:
+        return t
+    if not t.is_floating_point():
+        t = t.float()
+    if mode == linear:
+        return F.interpolate(t, size=size, mode=linear, align_corners=False)
+    if mode == "nearest":
+        return F.interpolate(t, size=size, mode="nearest-exact")
+    raise ValueError(f"unknown resize mode {mode!r}; use {linear!r} or 'nearest'")
+
+
 def resize_slices(slices: Any, size: Sequence[int], mode: str = "bilinear") -> Any:
     """Resize a stack of slices ``(n, h, w)`` or ``(n, c, h, w)`` to ``size = (h', w')``.
 
@@ -241,26 +267,12 @@ def resize_slices(slices: Any, size: Sequence[int], mode: str = "bilinear") -> A
     or ``nearest`` (for labels). Accepts numpy arrays (returns float32 numpy) or torch tensors (returns a
     tensor on the same device), so the predictor can resize on the GPU.
     """
-    import torch
-    import torch.nn.functional as F
-
     size = (int(size[0]), int(size[1]))
-    is_numpy = not isinstance(slices, torch.Tensor)
-    t = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)) if is_numpy else slices
+    t, is_numpy = _float_tensor(slices)
     if t.ndim not in (3, 4):
         raise ValueError(f"resize_slices expects (n, h, w) or (n, c, h, w), got shape {tuple(t.shape)}")
     squeeze = t.ndim == 3
-    if squeeze:
-        t = t[:, None]
-    if tuple(t.shape[-2:]) != size:
-        if not t.is_floating_point():
-            t = t.float()
-        if mode == "bilinear":
-            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-        elif mode == "nearest":
-            t = F.interpolate(t, size=size, mode="nearest-exact")
-        else:
-            raise ValueError(f"unknown resize mode {mode!r}; use 'bilinear' or 'nearest'")
+    t = _interpolate(t[:, None] if squeeze else t, size, mode, "bilinear")
     if squeeze:
         t = t[:, 0]
     return t.numpy().astype(np.float32, copy=False) if is_numpy else t
@@ -277,30 +289,12 @@ def resize_volume(volume: Any, shape: Sequence[int], mode: str = "trilinear") ->
     Trilinear with half-voxel centres (``align_corners=False``): the grids share their outer boundary,
     which is what resampling between spacings over the same physical extent means. ``nearest`` for labels.
     """
-    import torch
-    import torch.nn.functional as F
-
     shape = tuple(int(s) for s in shape)
-    is_numpy = not isinstance(volume, torch.Tensor)
-    if is_numpy:
-        array = np.ascontiguousarray(volume, dtype=np.float32)
-        # torch cannot wrap read-only memory (e.g. a view of a SimpleITK image): copy only then.
-        t = torch.from_numpy(array if array.flags.writeable else array.copy())
-    else:
-        t = volume
+    t, is_numpy = _float_tensor(volume)
     if t.ndim not in (3, 4):
         raise ValueError(f"resize_volume expects (d, h, w) or (c, d, h, w), got shape {tuple(t.shape)}")
     squeeze = t.ndim == 3
-    t = t[None, None] if squeeze else t[None]
-    if tuple(t.shape[-3:]) != shape:
-        if not t.is_floating_point():
-            t = t.float()
-        if mode == "trilinear":
-            t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
-        elif mode == "nearest":
-            t = F.interpolate(t, size=shape, mode="nearest-exact")
-        else:
-            raise ValueError(f"unknown resize mode {mode!r}; use 'trilinear' or 'nearest'")
+    t = _interpolate(t[None, None] if squeeze else t[None], shape, mode, "trilinear")
     t = t[0, 0] if squeeze else t[0]
     return t.numpy().astype(np.float32, copy=False) if is_numpy else t
 
