@@ -328,15 +328,52 @@ def _find_lungs(low: np.ndarray, air: np.ndarray, body: np.ndarray, spacing: tup
             f"no lungs found: the largest air region inside the body is "
             f"{(sizes[lungs[0]] if lungs else 0) * voxel_ml:.0f} mL (need >= {params.min_lung_ml:.0f} mL). "
             "Check that the scan covers the chest and is in Hounsfield units.")
-    first = lab == lungs[0]
-    if len(lungs) > 1 and sizes[lungs[1]] >= params.second_lung_min_fraction * sizes[lungs[0]]:
-        a, b = first, lab == lungs[1]
+    return split_right_left(np.isin(lab, lungs), spacing, body=body,
+                            second_lung_min_fraction=params.second_lung_min_fraction, keep_fragments=False)
+
+
+def split_right_left(mask: np.ndarray, spacing: tuple[float, float, float], body: np.ndarray | None = None,
+                     second_lung_min_fraction: float = LungMaskParams.second_lung_min_fraction,
+                     keep_fragments: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Split a binary lung mask (z, y, x, canonical LPS) into ``(right, left)`` boolean masks.
+
+    One rule for the HU lung model (on its gas components) and for learned binary lung models
+    (``network_predictor``): the two largest 3D components are the two lungs when the second holds at
+    least ``second_lung_min_fraction`` of the largest; otherwise the largest holds both lungs (they touch
+    at the anterior or posterior junction) and :func:`_split_component` separates them. The sides come
+    from anatomy: in canonical LPS arrays x grows towards the patient's left. Every other component is
+    given to the lung with the nearer centroid when ``keep_fragments`` (a network's detached pieces of
+    lung), or dropped (the HU model: gas outside the two lungs is not lung). ``body`` only serves
+    :func:`_split_component`'s last-resort mid-sagittal cut; without it the mask's own extent is used.
+    An empty mask gives two empty masks.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return np.zeros_like(mask), np.zeros_like(mask)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    first = lab == order[0]
+    if n > 1 and sizes[order[1]] >= second_lung_min_fraction * sizes[order[0]]:
+        a, b = first, lab == order[1]
+        used = {int(order[0]), int(order[1])}
     else:
-        a, b = _split_component(first, body, spacing)
+        a, b = _split_component(first, body if body is not None else mask, spacing)
+        used = {int(order[0])}
     # Sides from anatomy: in canonical LPS arrays x grows towards the patient's left.
-    xa = np.nonzero(a)[2].mean()
-    xb = np.nonzero(b)[2].mean()
-    return (a, b) if xa < xb else (b, a)
+    if np.nonzero(a)[2].mean() > np.nonzero(b)[2].mean():
+        a, b = b, a
+    fragments = [i for i in range(1, n + 1) if i not in used]
+    if keep_fragments and fragments:
+        scale = np.asarray(spacing, dtype=np.float64)
+        centre_a = np.asarray(ndi.center_of_mass(a), dtype=np.float64) * scale
+        centre_b = np.asarray(ndi.center_of_mass(b), dtype=np.float64) * scale
+        centres = np.asarray(ndi.center_of_mass(mask, lab, fragments), dtype=np.float64).reshape(-1, 3) * scale
+        to_a = np.linalg.norm(centres - centre_a, axis=1) <= np.linalg.norm(centres - centre_b, axis=1)
+        a = a | np.isin(lab, np.asarray(fragments)[to_a])
+        b = b | np.isin(lab, np.asarray(fragments)[~to_a])
+    return a, b
 
 
 def _split_component(component: np.ndarray, body: np.ndarray,

@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .lungs import split_right_left
 from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .predictor import ModelInfo
 from .preprocessing import (apply_intensity, bounding_box, margin_voxels, resampled_shape, resize_slices,
@@ -85,38 +86,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cpu":
         return dev
     raise DeviceError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
-
-
-def split_right_left(mask: np.ndarray, min_ratio: float = 0.1) -> np.ndarray:
-    """Split a binary lung mask (z, y, x, canonical LPS) into 1 = right and 2 = left lung.
-
-    A simple rule until ``lungs.py`` offers its own: 3D connected components; when the second largest has
-    at least ``min_ratio`` of the largest one's voxels, the two are the lungs and every component goes to
-    the side of its centroid relative to the plane half-way between their centroids' x. Otherwise the lungs
-    touch (one blob): voxels left of the blob's centroid x in the array (smaller x = patient right in LPS)
-    are right lung, the others left.
-    """
-    from scipy import ndimage as ndi
-
-    mask = np.asarray(mask) > 0
-    out = np.zeros(mask.shape, dtype=np.uint8)
-    labels, n = ndi.label(mask)
-    if n == 0:
-        return out
-    index = np.arange(1, n + 1)
-    sizes = np.asarray(ndi.sum_labels(mask, labels, index), dtype=np.float64)
-    centroids = np.asarray(ndi.center_of_mass(mask, labels, index), dtype=np.float64).reshape(n, 3)
-    order = np.argsort(sizes)[::-1]
-    if n >= 2 and sizes[order[1]] >= min_ratio * sizes[order[0]]:
-        midline = 0.5 * (centroids[order[0], 2] + centroids[order[1], 2])
-        side = np.where(centroids[:, 2] < midline, 1, 2).astype(np.uint8)
-        lut = np.concatenate([[0], side]).astype(np.uint8)
-        return lut[labels]
-    midline = float(np.average(centroids[:, 2], weights=sizes))
-    x = np.arange(mask.shape[2])
-    out[mask] = 2
-    out[mask & (x < midline)[None, None, :]] = 1
-    return out
 
 
 def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -371,7 +340,7 @@ class NetworkLungModel(NetworkModel):
     A softmax network with three or more classes is read by argmax; its classes map to the engine's
     labels by name ("right..." -> 1, "left..." -> 2; otherwise channel 1 -> 1 and 2 -> 2, other channels
     background). A binary network (sigmoid, or 2-class softmax) gives one lung mask at ``output.threshold``
-    that :func:`split_right_left` splits into the two sides.
+    that ``lungs.split_right_left`` (the HU lung model's own rule) splits into the two sides.
     """
 
     @property
@@ -425,7 +394,12 @@ class NetworkLungModel(NetworkModel):
             probs = self._run_3d(hu, box, volume.spacing_zyx, multiclass, progress, what)
             out[box] = lut[np.argmax(probs, axis=0)] if multiclass else probs[0] > self.threshold
             del probs
-        return out if multiclass else split_right_left(out)
+        if multiclass:
+            return out
+        right, left = split_right_left(out, volume.spacing_zyx)
+        out[right] = 1
+        out[left] = 2
+        return out
 
 
 def _as_checkpoint(checkpoint: str | os.PathLike | Checkpoint, expected_sha256: str | None = None) -> Checkpoint:
@@ -438,5 +412,4 @@ def _as_checkpoint(checkpoint: str | os.PathLike | Checkpoint, expected_sha256: 
     raise TypeError(f"expected a checkpoint path or Checkpoint, got {type(checkpoint).__name__}")
 
 
-__all__ = ["NetworkModel", "NetworkInfectionModel", "NetworkLungModel", "DeviceError", "resolve_device",
-           "split_right_left"]
+__all__ = ["NetworkModel", "NetworkInfectionModel", "NetworkLungModel", "DeviceError", "resolve_device"]

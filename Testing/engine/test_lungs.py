@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from COVIDLesionSegLib import progress
-from COVIDLesionSegLib.lungs import LEFT, RIGHT, segment_lungs
+from COVIDLesionSegLib.lungs import LEFT, RIGHT, segment_lungs, split_right_left
 from COVIDLesionSegLib.phantom import make_chest_phantom
 from COVIDLesionSegLib.volume import CTVolume
 from Testing.conftest import shared_file
@@ -223,3 +223,43 @@ def test_real_covid_infected_slices_and_dense_lesions_kept():
     rows = np.array(sorted(set(infected)))
     dense_ml = ((hu[rows] > -300) & lungs[rows]).sum() * vol.voxel_volume_ml
     assert dense_ml > 20.0, dense_ml
+
+
+# ------------------------------------------------------------------------------------------------------------
+# split_right_left: the one right/left rule of the HU model and of learned binary lung models
+# ------------------------------------------------------------------------------------------------------------
+
+def test_split_right_left_two_lungs_and_fragments():
+    mask = np.zeros((6, 20, 40), bool)
+    mask[:, 4:16, 2:16] = True    # array-left block: patient right in LPS
+    mask[:, 4:16, 24:38] = True   # patient left
+    mask[2, 1, 36] = True          # a detached fragment near the left lung
+    right, left = split_right_left(mask, (2.0, 1.0, 1.0))
+    assert right[:, 4:16, 2:16].all() and not right[:, :, 20:].any()
+    assert left[:, 4:16, 24:38].all() and left[2, 1, 36]
+    assert not (right & left).any()
+    right, left = split_right_left(mask, (2.0, 1.0, 1.0), keep_fragments=False)
+    assert not left[2, 1, 36] and right.sum() + left.sum() == mask.sum() - 1
+
+
+def test_split_right_left_touching_lungs_are_cut_at_the_narrow_junction():
+    mask = np.zeros((8, 30, 60), bool)
+    mask[:, 5:25, 4:28] = True
+    mask[:, 5:25, 32:56] = True
+    mask[:, 13:17, 28:32] = True  # a thin bridge: one component
+    right, left = split_right_left(mask, (1.0, 1.0, 1.0))
+    assert right[:, 5:25, 4:27].all() and left[:, 5:25, 33:56].all()
+    assert ((right | left) == mask).all() and not (right & left).any()
+
+
+def test_split_right_left_single_blob_falls_back_to_the_midline():
+    mask = np.zeros((4, 10, 20), bool)
+    mask[:, 2:8, 3:17] = True  # no junction to cut: the mask's mid-sagittal plane
+    right, left = split_right_left(mask, (1.0, 1.0, 1.0))
+    assert right[:, 2:8, 3:10].all() and left[:, 2:8, 10:17].all()
+    assert ((right | left) == mask).all()
+
+
+def test_split_right_left_empty_mask():
+    right, left = split_right_left(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0))
+    assert not right.any() and not left.any()

@@ -13,7 +13,7 @@ from torch import nn
 from COVIDLesionSegLib.models import registry
 from COVIDLesionSegLib.models.checkpoint import Checkpoint, save_checkpoint
 from COVIDLesionSegLib.network_predictor import (DeviceError, NetworkInfectionModel, NetworkLungModel, NetworkModel,
-                                                 resolve_device, split_right_left)
+                                                 resolve_device)
 from COVIDLesionSegLib.predictor import InfectionModel, LungModel
 from COVIDLesionSegLib.progress import Cancelled
 from COVIDLesionSegLib.volume import CTVolume, Geometry
@@ -247,15 +247,6 @@ def test_binary_lung_model_is_split_right_left(tmp_path):
     aerated[lesion] = False
     assert _dice(seg == 1, (labels == 1) & aerated) > 0.85
     assert _dice(seg == 2, labels == 2) > 0.85
-
-
-def test_split_right_left_single_blob():
-    mask = np.zeros((4, 10, 20), bool)
-    mask[:, 2:8, 3:17] = True  # lungs touching: one component
-    out = split_right_left(mask)
-    assert set(np.unique(out[mask])) == {1, 2}
-    assert (out[:, :, 3:10][mask[:, :, 3:10]] == 1).all() and (out[:, :, 10:17][mask[:, :, 10:17]] == 2).all()
-    assert not out[~mask].any()
 
 
 # ------------------------------------------------------------------------------------------------------------
