@@ -189,6 +189,8 @@ def protocol_folds(config: Mapping[str, Any], cases: Sequence[ds.Case]) -> list[
             return [split]
         if name == "ctseg2d":
             return sp.ctseg2d_protocol_folds(cases, n_folds=int(p["n_folds"]), seed=seed, **args)
+        if name == "ctseg2d_kfold":
+            return sp.ctseg2d_kfold(cases, n_folds=int(p["n_folds"]), seed=seed, **args)
         if name == "covid19ctseg":
             return sp.covid19ctseg_folds(cases, split_file=expand_path(p["split_file"]), seed=seed, **args)
         if name == "kfold":
@@ -919,16 +921,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, subset: str = "test", metrics: Sequence[str] | None = None, with_loss: bool = False,
-                 unit: str | None = None) -> tuple[list[dict[str, Any]], float]:
-        """Predict ``subset`` of the target data with the current model; per-case (or per-group) metric rows
-        and the mean loss (NaN unless ``with_loss``)."""
-        dataset = self.dataset("data", subset, train_transforms=False) if subset != "val" else self.val_set
+                 unit: str | None = None, data: str = "data") -> tuple[list[dict[str, Any]], float]:
+        """Predict ``subset`` of a data set with the current model; per-case (or per-group) metric rows and the
+        mean loss (NaN unless ``with_loss``).
+
+        ``data`` is the config key of the data set: ``"data"`` (the target data, split by the protocol) or
+        ``"aux_data.<name>"`` with ``subset="all"`` (a second test set, e.g. 004's Radiopaedia volumes).
+        """
+        if subset == "val" and data == "data":
+            dataset = self.val_set
+        else:
+            dataset = self.dataset(data, subset, train_transforms=False)
         if dataset is None:
             return [], float("nan")
         metrics = list(metrics or self.config["eval"]["metrics"])
         unit = unit or self.config["eval"]["unit"]
         ev = self.config["eval"]
-        target = self.config["data"]["target"]
+        target = self.spec(data)["target"]
         model = self.model
         model.eval()
         dims = self._spatial_dims()
@@ -949,7 +958,7 @@ class Trainer:
                 spacings = [None] * len(items)
             else:
                 it0 = items[0]
-                logits = self._predict_volume(torch.as_tensor(it0["image"]), it0.get("spacing"))
+                logits = self._predict_volume(torch.as_tensor(it0["image"]), it0.get("spacing"), key=data)
                 spacings = [tuple(float(s) for s in it0["spacing"]) if it0.get("spacing") is not None else None]
             y = torch.stack([torch.as_tensor(it[target]) for it in items]).to(logits.device)
             if with_loss:

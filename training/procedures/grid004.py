@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from . import Procedure, ProcedureError, register_procedure
@@ -182,30 +180,12 @@ def expand_grid(config: Mapping[str, Any], imagenet_available: bool | None = Non
     return out
 
 
-@torch.no_grad()
 def evaluate_test_data(trainer, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Test ``trainer.model`` on ``aux_data.<name>`` with the evaluation pipeline; per-case (or per-group,
-    ``eval.unit``) metric rows and their aggregate (``COVIDLesionSegLib.metrics.aggregate``)."""
+    """Test ``trainer.model`` on every case of ``aux_data.<name>`` with the trainer's evaluation; per-case (or
+    per-group, ``eval.unit``) metric rows and their aggregate (``COVIDLesionSegLib.metrics.aggregate``)."""
     from COVIDLesionSegLib.metrics import aggregate
 
-    key = f"aux_data.{name}"
-    dataset = trainer.dataset(key, "all", train_transforms=False)
-    spec = trainer.spec(key)
-    ev = trainer.config["eval"]
-    model = trainer.model
-    model.eval()
-    results = []
-    bs = int(ev["batch_size"])
-    for start in range(0, len(dataset), bs):
-        items = [dataset[i] for i in range(start, min(start + bs, len(dataset)))]
-        x = trainer.to_device({"x": torch.stack([torch.as_tensor(it["image"]) for it in items])})["x"]
-        with trainer.autocast():
-            logits = trainer.procedure.predict_logits(model, x).float()
-        pred = (trainer._activation(logits) >= float(ev["threshold"])).cpu().numpy()[:, 0]
-        ref = np.stack([np.asarray(it[spec["target"]]) for it in items])[:, 0] > 0.5
-        for k, it in enumerate(items):
-            results.append((str(it.get("id")), str(it.get("group")), pred[k], ref[k], None))
-    rows = trainer._metric_rows(results, list(ev["metrics"]), float(ev["tau_mm"]), ev["unit"])
+    rows, _ = trainer.evaluate("all", data=f"aux_data.{name}")
     return rows, aggregate(rows)
 
 
