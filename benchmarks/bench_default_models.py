@@ -44,11 +44,6 @@ LEARNED_ID = "ctseg2d-nnunet2d-w16"
 _OURS = """
 import resource, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from COVIDLesionSegLib import pipeline as _pipeline
-# Work-around until pipeline._model_record writes the device as text: a network model reports a
-# torch.device, which the JSON report cannot hold (the run itself is unaffected).
-_record = _pipeline._model_record
-_pipeline._model_record = lambda model: {k: str(v) for k, v in _record(model).items()}
 from COVIDLesionSegLib.cli import main
 status = main(sys.argv[2:])
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
