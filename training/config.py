@@ -26,7 +26,7 @@ the procedure class (:attr:`training.procedures.Procedure.options`)::
     model:     {arch, args: {}, init: null (engine or training checkpoint to start from), init_strict: true}
     data:      DATASET (the target / COVID-19 data)
     aux_data:  {name: DATASET, ...}  (extra data sets a procedure uses, e.g. non-COVID lesions)
-    protocol:  {name: all | fixed | ctseg2d | covid19ctseg | kfold | holdout, fold: 0, n_folds: 5, seed: 0,
+    protocol:  {name: all | fixed | ctseg2d | ctseg2d_kfold | covid19ctseg | kfold | holdout, fold: 0, n_folds: 5, seed: 0,
                 val_fraction: 0.0, train/val/test: null (id lists for "fixed"), split_file: null, args: {}}
     optim:     {name: sgd | adam | adamw, lr: 0.01, momentum: 0.99, nesterov: true, weight_decay: 3e-5,
                 betas: [0.9, 0.999], eps: 1e-8}
@@ -127,7 +127,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("infection", "lungs"),
-    "protocol.name": ("all", "fixed", "ctseg2d", "covid19ctseg", "kfold", "holdout"),
+    "protocol.name": ("all", "fixed", "ctseg2d", "ctseg2d_kfold", "covid19ctseg", "kfold", "holdout"),
     "optim.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("poly", "step", "constant", "cosine"),
     "loss.name": ("dice_ce", "soft_dice", "structure"),

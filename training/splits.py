@@ -11,6 +11,8 @@ Protocols
   deterministically and patient-disjoint (see its docstring for why that differs).
 - :func:`ctseg2d_protocol_folds`: the issue's CPU protocol on the shared 2D slices: 18 volume groups,
   4 training and 14 test groups per fold, the Radiopaedia groups 10-19 kept together (always in test).
+- :func:`ctseg2d_kfold`: ordinary grouped k-fold on the same slices (every volume group tested once,
+  training on the rest), with the Radiopaedia block as one unit: issue 6's model selection.
 - :func:`medseg_train_val_test`: 004's protocol: 80 / 20 of the MedSeg slices for training / validation
   (model selection), testing on Radiopaedia volumes.
 - :func:`grouped_kfold` and :func:`grouped_holdout`: general grouped cross-validation and hold-out (e.g.
@@ -20,7 +22,7 @@ Protocols
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from training.datasets.base import Case
@@ -322,6 +324,33 @@ def ctseg2d_protocol_folds(cases: Sequence[Case], n_train_groups: int = 4, n_fol
         assert_disjoint(split, mapping)
         if any(g in train_groups for g in radio):  # pragma: no cover - by construction
             raise AssertionError("radiopaedia groups must stay together in the test set")
+        splits.append(split)
+    return splits
+
+
+def ctseg2d_kfold(cases: Sequence[Case], n_folds: int = 3, seed: int = 0) -> list[Split]:
+    """Grouped k-fold cross-validation on the shared 2D COVID-19-CT-Seg slices: every volume group is tested
+    exactly once, by a model trained on the other folds.
+
+    Units: each coronacases group (0-7) is one unit, and the Radiopaedia groups (10-19), whose boundaries
+    are approximate, form **one** unit, so no Radiopaedia patient straddles a split. The units are dealt
+    by :func:`grouped_kfold` (balanced by slice count). With the default 3 folds the Radiopaedia block
+    fills most of one fold, so its groups are scored by a model trained on coronacases only, and the
+    coronacases groups by models that also trained on Radiopaedia. Metrics stay per volume group
+    (``eval.unit: group``): the unit only decides the split.
+    """
+    def unit(c: Case) -> str:
+        sg = c.meta.get("source_group") or ("coronacases" if int(c.group) < 10 else "radiopaedia")
+        return "radiopaedia" if sg == "radiopaedia" else c.group
+
+    units = [replace(c, group=unit(c)) for c in cases]
+    mapping = {c.id: c.group for c in cases}
+    splits = []
+    for split in grouped_kfold(units, n_folds, seed=seed):
+        meta = {**split.meta, "protocol": "ctseg2d_kfold",
+                "test_groups": sorted({mapping[i] for i in split.test}, key=int)}
+        split = Split(name=split.name, train=split.train, test=split.test, meta=meta)
+        assert_disjoint(split, mapping)
         splits.append(split)
     return splits
 

@@ -11,7 +11,8 @@ import pytest
 from Testing.conftest import shared_file
 from training.datasets import BENCHMARK_TASK1_TRAIN, Case, read_covid19ctseg2d, read_medseg100
 from training.datasets.covid19ctseg import group_of
-from training.splits import (Split, assert_disjoint, covid19ctseg_folds, ctseg2d_protocol_folds, grouped_holdout,
+from training.splits import (Split, assert_disjoint, covid19ctseg_folds, ctseg2d_kfold, ctseg2d_protocol_folds,
+                             grouped_holdout,
                              grouped_kfold, medseg_train_val_test, select, with_validation)
 
 
@@ -141,6 +142,24 @@ def test_ctseg2d_protocol(ctseg2d_cases):
     assert len({tuple(f.meta["train_groups"]) for f in five}) == 5
     assert [f.train for f in ctseg2d_protocol_folds(cases, n_folds=5, seed=0)] == [f.train for f in five]
     assert [f.meta["train_groups"] for f in ctseg2d_protocol_folds(cases, seed=1)] != [f.meta["train_groups"] for f in folds]
+
+
+def test_ctseg2d_kfold_tests_every_group_once_with_radiopaedia_as_one_unit(ctseg2d_cases):
+    cases = ctseg2d_cases
+    group = {c.id: c.group for c in cases}
+    radio = {str(g) for g in range(10, 20)}
+    folds = ctseg2d_kfold(cases, n_folds=3, seed=0)
+    assert len(folds) == 3
+    tested = Counter()
+    for f in folds:
+        train_groups, test_groups = {group[i] for i in f.train}, {group[i] for i in f.test}
+        assert not (train_groups & test_groups)
+        assert radio <= test_groups or not (radio & test_groups)           # the radiopaedia block stays together
+        assert f.meta["test_groups"] == sorted(test_groups, key=int)
+        assert len(f.train) + len(f.test) == len(cases)
+        tested.update(test_groups)
+    assert set(tested) == set(group.values()) and set(tested.values()) == {1}
+    assert [f.test for f in ctseg2d_kfold(cases, n_folds=3, seed=0)] == [f.test for f in folds]
 
 
 def test_medseg_004_protocol(ctseg2d_cases):
