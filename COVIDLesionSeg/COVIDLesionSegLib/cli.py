@@ -4,6 +4,7 @@
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
+    covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
     covidlesionseg models list | verify | import PATH
 
 Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
@@ -87,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(demo)
     demo.add_argument("--quiet", action="store_true")
 
-    ev = sub.add_parser("evaluate", help="compare a predicted segmentation with a reference")
+    ev = sub.add_parser("evaluate", help="compare a predicted segmentation with a reference or per-slice labels")
     ev.add_argument("--pred", required=True, type=Path, help="labelmap (0-3) or .seg.nrrd")
-    ev.add_argument("--ref", required=True, type=Path, help="labelmap (0-3), binary mask or .seg.nrrd")
+    ref = ev.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--ref", type=Path, help="labelmap (0-3), binary mask or .seg.nrrd")
+    ref.add_argument("--slice-labels", type=Path, metavar="CSV",
+                     help="per-slice labels (columns file, z_index, infected[, LLL LUL RLL RML RUL])")
+    ev.add_argument("--case", default=None, metavar="FILE",
+                    help="with --slice-labels: the CSV's file name of the scan (default: from --pred's name)")
     ev.add_argument("--tau", type=float, default=3.0, help="NSD tolerance in mm (default 3)")
 
     models = sub.add_parser("models", help="list, verify or import models")
@@ -200,9 +206,12 @@ def _print_phantom_agreement(segmentation_path: Path, truth) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_files
+    from .evaluation import evaluate_files, evaluate_slice_labels
 
-    result = evaluate_files(args.pred, args.ref, tau_mm=args.tau)
+    if args.slice_labels is not None:
+        result = evaluate_slice_labels(args.pred, args.slice_labels, args.case)
+    else:
+        result = evaluate_files(args.pred, args.ref, tau_mm=args.tau)
     print(json.dumps(result, indent=2, allow_nan=False, default=str))
     return 0
 

@@ -1,4 +1,5 @@
-"""Comparing a predicted segmentation with a reference file (``covidlesionseg evaluate``).
+"""Comparing a predicted segmentation with a reference (``covidlesionseg evaluate``): a reference file, or
+radiologists' per-slice labels.
 
 Both files may be a Slicer ``.seg.nrrd`` (segments compared by name), a labelmap with the project's label
 convention (0 background, 1 right lung, 2 left lung, 3 infection) or a binary mask (0/1, taken to be an
@@ -8,10 +9,16 @@ infection mask, the usual form of public COVID-19 ground truth). From a labelmap
 - "COVID-19 infection": label 3;
 - "Right lung" / "Left lung": labels 1 / 2, only when no infection label is present (in a single labelmap the
   infection label hides which lung an infected voxel belongs to).
+
+Per-slice labels (:func:`read_slice_labels`, :func:`evaluate_slice_labels`) are a CSV in COVID-CT-MD's form:
+one row per axial slice with ``file``, ``z_index`` (index along the file's third axis, 0 = most inferior),
+``infected`` (0/1) and optionally per-lobe flags ``LLL LUL RLL RML RUL``. A slice counts as predicted infected
+when it holds at least one infection voxel (no area threshold); AUC ranks slices by their infected area.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -76,4 +83,108 @@ def evaluate_files(pred: str | Path, ref: str | Path, tau_mm: float = 3.0) -> di
     return result
 
 
-__all__ = ["read_masks", "evaluate_files"]
+RIGHT_LOBES, LEFT_LOBES = ("RLL", "RML", "RUL"), ("LLL", "LUL")
+
+
+def read_slice_labels(path: str | Path, file_name: str) -> dict[str, np.ndarray]:
+    """Per-slice labels of one scan: ``z`` (int), ``infected`` (bool) and, when the CSV has lobe columns,
+    ``right`` (any of RLL, RML, RUL) and ``left`` (LLL or LUL). ``file_name`` matches the ``file`` column
+    with or without its extension."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "z_index", "infected"} - set(reader.fieldnames or ())
+        if missing:
+            raise InputError(f"{path}: not a per-slice label file (missing column(s) {', '.join(sorted(missing))})")
+        rows = [r for r in reader if r["file"] == file_name or _stem(r["file"]) == _stem(file_name)]
+    if not rows:
+        raise InputError(f"{path}: no rows for {file_name!r}")
+    out = {"z": np.array([int(r["z_index"]) for r in rows]),
+           "infected": np.array([int(r["infected"]) == 1 for r in rows])}
+    if all(k in rows[0] for k in RIGHT_LOBES + LEFT_LOBES):
+        out["right"] = np.array([any(int(r[k]) for k in RIGHT_LOBES) for r in rows])
+        out["left"] = np.array([any(int(r[k]) for k in LEFT_LOBES) for r in rows])
+    return out
+
+
+def _stem(name: str) -> str:
+    name = Path(name).name
+    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN without both classes."""
+    from scipy.stats import rankdata
+
+    truth = np.asarray(truth, bool)
+    n1, n0 = int(truth.sum()), int((~truth).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[truth].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def slice_agreement(infection: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
+    """Slice-level agreement of a per-slice infected area (or a (z, y, x) infection mask) with per-slice
+    truth: sensitivity, specificity, AUC (area as the score) and the counts."""
+    area = np.asarray(infection)
+    if area.ndim == 3:
+        area = area.reshape(area.shape[0], -1).sum(axis=1)
+    truth = np.asarray(truth, bool)
+    predicted = area > 0
+    tp, fn = int((predicted & truth).sum()), int((~predicted & truth).sum())
+    tn, fp = int((~predicted & ~truth).sum()), int((predicted & ~truth).sum())
+    return {"sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+            "auc": roc_auc(area, truth), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def evaluate_slice_labels(pred: str | Path, labels_csv: str | Path, file_name: str | None = None) -> dict:
+    """A prediction (labelmap or .seg.nrrd, on the scan's own grid) against per-slice labels.
+
+    ``file_name`` picks the CSV rows (default: the prediction's name without the engine's ``_labels`` or
+    ``.seg`` suffix). Reports slice-level sensitivity / specificity / AUC, the share of the lungs segmented
+    as infection, and, when the prediction keeps the sides (a ``.seg.nrrd``) and the CSV has lobe
+    columns, the per-side agreement: a side counts as predicted infected on a slice when infection voxels
+    lie in that lung there.
+    """
+    masks, spacing = read_masks(pred)
+    infection = masks.get(SEGMENTS.infection.name)
+    if infection is None:
+        raise InputError(f"{pred}: no infection segment to compare with per-slice labels")
+    if file_name is None:
+        stem = _stem(str(pred))
+        file_name = stem[: -len("_labels")] if stem.endswith("_labels") else stem
+    labels = read_slice_labels(labels_csv, file_name)
+    if labels["z"].min() < 0 or labels["z"].max() >= infection.shape[0]:
+        raise InputError(f"{labels_csv}: z_index {labels['z'].min()}..{labels['z'].max()} does not fit the "
+                         f"prediction's {infection.shape[0]} slices; is it the same scan?")
+    area = infection.reshape(infection.shape[0], -1).sum(axis=1)[labels["z"]]
+    result: dict = {"prediction": str(pred), "labels": str(labels_csv), "file": file_name,
+                    "n_slices": int(len(labels["z"])), "n_infected_slices": int(labels["infected"].sum()),
+                    "slice": _rounded(slice_agreement(area, labels["infected"]))}
+    lungs = masks.get(LUNGS)
+    if lungs is not None and lungs.any():
+        result["infected_share_of_lungs"] = round(float(infection.sum() / lungs.sum()), 6)
+    right, left = masks.get(SEGMENTS.right_lung.name), masks.get(SEGMENTS.left_lung.name)
+    if "right" in labels and right is not None and left is not None:
+        sides = {}
+        for side, lung in (("right", right), ("left", left)):
+            side_area = (infection & lung).reshape(lung.shape[0], -1).sum(axis=1)[labels["z"]]
+            sides[side] = _rounded(slice_agreement(side_area, labels[side]))
+        result["sides"] = sides
+    return result
+
+
+def _rounded(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else round(v, 6) if isinstance(v, float) else v)
+            for k, v in d.items()}
+
+
+__all__ = ["read_masks", "evaluate_files", "read_slice_labels", "roc_auc", "slice_agreement",
+           "evaluate_slice_labels"]

@@ -15,7 +15,6 @@ whatever the catalogue resolves, so a new default must meet the same targets.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import catalogue
 from COVIDLesionSegLib.cli import main
+from COVIDLesionSegLib.evaluation import read_slice_labels, slice_agreement
 from COVIDLesionSegLib.models.checkpoint import file_sha256
 from Testing.conftest import shared_file
 
@@ -43,37 +43,8 @@ def _manifest() -> dict:
 
 
 def slice_labels(file_name: str) -> dict[str, np.ndarray]:
-    """The radiologists' per-slice labels of one COVID-CT-MD file: z, infected, right (RLL|RML|RUL), left."""
-    rows = [r for r in csv.DictReader(shared_file("ct/covidctmd_slice_labels.csv").open(newline=""))
-            if r["file"] == file_name]
-    if not rows:
-        raise AssertionError(f"no slice labels for {file_name}")
-
-    def col(*keys):
-        return np.array([any(int(r[k]) for k in keys) for r in rows], dtype=bool)
-
-    return {"z": np.array([int(r["z_index"]) for r in rows]), "infected": col("infected"),
-            "right": col("RLL", "RML", "RUL"), "left": col("LLL", "LUL")}
-
-
-def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties)."""
-    from scipy.stats import rankdata
-
-    truth = np.asarray(truth, bool)
-    ranks = rankdata(scores)
-    n1, n0 = int(truth.sum()), int((~truth).sum())
-    return float((ranks[truth].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def slice_agreement(labelmap: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Slice-level sensitivity, specificity and AUC (score: infected voxels on the slice) of a labelmap
-    (z, y, x) on the input grid (z = the file's third axis, as the labels' ``z_index``)."""
-    area = (labelmap == LABEL_INFECTION).sum(axis=(1, 2))[labels["z"]]
-    predicted = area > 0
-    truth = labels["infected"]
-    return {"sensitivity": float(predicted[truth].mean()), "specificity": float((~predicted[~truth]).mean()),
-            "auc": roc_auc(area, truth)}
+    """The radiologists' per-slice labels of one COVID-CT-MD file (z, infected, right, left)."""
+    return read_slice_labels(shared_file("ct/covidctmd_slice_labels.csv"), file_name)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +73,7 @@ def test_default_p001_slice_sensitivity_and_specificity(default_run):
     assert status == 0
     labels = slice_labels(f"{P001}.nii.gz")
     assert labels["infected"].sum() == 80 and (~labels["infected"]).sum() > 0
-    got = slice_agreement(_labelmap(out, P001), labels)
+    got = slice_agreement(_labelmap(out, P001)[labels["z"]] == LABEL_INFECTION, labels["infected"])
     assert got["sensitivity"] >= 0.85, got
     assert got["specificity"] >= 0.85, got
     # The infected area ranks infected slices above clean ones far better than chance.
@@ -119,6 +90,26 @@ def test_default_normal001_infected_share_near_zero(default_run):
     assert share <= 0.005, f"{share:.4%} of the normal lungs segmented as infection"
     report = json.loads((out / f"{NORMAL}.json").read_text())
     assert report["quantification"] is not None
+
+
+def test_evaluate_slice_labels_cli_gives_the_external_check(default_run, capsys):
+    status, out = default_run
+    assert status == 0
+    csv_path = shared_file("ct/covidctmd_slice_labels.csv")
+    assert main(["evaluate", "--pred", str(out / f"{P001}.seg.nrrd"), "--slice-labels", str(csv_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    labels = slice_labels(f"{P001}.nii.gz")
+    direct = slice_agreement(_labelmap(out, P001)[labels["z"]] == LABEL_INFECTION, labels["infected"])
+    assert result["file"] == P001 and result["n_infected_slices"] == 80
+    assert result["slice"]["tp"] == direct["tp"] and result["slice"]["fp"] == direct["fp"]
+    assert result["slice"]["auc"] == pytest.approx(direct["auc"], abs=1e-6)
+    for side in ("right", "left"):  # the .seg.nrrd keeps the sides; the lobe columns give the truth
+        got = result["sides"][side]
+        assert got["tp"] + got["fn"] == int(labels[side].sum()) and got["tp"] + got["fp"] > 0
+    report = json.loads((out / f"{P001}.json").read_text())
+    both = report["quantification"]["both_lungs"]
+    share = both["infection_voxels"] / both["voxels"]
+    assert result["infected_share_of_lungs"] == pytest.approx(share, rel=0.01)
 
 
 # ----------------------------------------------------------------------------------------------------------

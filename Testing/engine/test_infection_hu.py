@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from COVIDLesionSegLib.evaluation import read_slice_labels
 from COVIDLesionSegLib.infection_hu import band_fractions, segment_infection_hu
 from COVIDLesionSegLib.progress import Cancelled
 from Testing.conftest import shared_file
@@ -125,11 +125,9 @@ def _crude_lungs(hu: np.ndarray) -> np.ndarray:
 
 
 def _slice_labels(name: str) -> np.ndarray:
-    rows = [r for r in csv.DictReader(open(shared_file("ct/covidctmd_slice_labels.csv"))) if r["file"] == name]
-    labels = np.zeros(len(rows), bool)
-    for r in rows:
-        labels[int(r["z_index"])] = r["infected"] == "1"
-    return labels
+    labels = read_slice_labels(shared_file("ct/covidctmd_slice_labels.csv"), name)
+    assert (labels["z"] == np.arange(len(labels["z"]))).all()
+    return labels["infected"]
 
 
 def test_real_ct_covid_patient_has_more_infection_than_normal_subject():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from COVIDLesionSegLib import progress
+from COVIDLesionSegLib.evaluation import read_slice_labels
 from COVIDLesionSegLib.lungs import LEFT, RIGHT, segment_lungs, split_right_left
 from COVIDLesionSegLib.phantom import make_chest_phantom
 from COVIDLesionSegLib.volume import CTVolume
@@ -206,9 +206,8 @@ def test_real_lidc_nodule_inside_lungs():
 
 def test_real_covid_infected_slices_and_dense_lesions_kept():
     vol, labels = real_case("ct/covidctmd_p001_ct.nii.gz")
-    with open(shared_file("ct/covidctmd_slice_labels.csv"), newline="") as f:
-        infected = [int(r["z_index"]) for r in csv.DictReader(f)
-                    if r["file"] == "covidctmd_p001_ct.nii.gz" and r["infected"] == "1"]
+    labels_p001 = read_slice_labels(shared_file("ct/covidctmd_slice_labels.csv"), "covidctmd_p001_ct.nii.gz")
+    infected = labels_p001["z"][labels_p001["infected"]].tolist()
     assert len(infected) == 80
     zs = np.nonzero((labels > 0).any(axis=(1, 2)))[0]
     assert zs.min() <= min(infected) and max(infected) <= zs.max()

@@ -11,6 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from COVIDLesionSegLib.cli import main
+from COVIDLesionSegLib.errors import InputError
+from COVIDLesionSegLib.evaluation import evaluate_slice_labels, read_slice_labels, roc_auc, slice_agreement
 from COVIDLesionSegLib.phantom import make_chest_phantom
 from COVIDLesionSegLib.pipeline import Pipeline, SegmentOptions
 from COVIDLesionSegLib.progress import Cancelled
@@ -78,9 +80,8 @@ def test_p001_infected_slices_inside_lung_extent(real_run):
     _, out = real_run
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "covidctmd_p001_ct_labels.nii.gz")))
     z_with_lung = np.nonzero((labels > 0).any(axis=(1, 2)))[0]
-    rows = [r for r in csv.DictReader(shared_file("ct/covidctmd_slice_labels.csv").open())
-            if r["file"] == "covidctmd_p001_ct.nii.gz" and r["infected"] == "1"]
-    infected_z = [int(r["z_index"]) for r in rows]
+    labels_p001 = read_slice_labels(shared_file("ct/covidctmd_slice_labels.csv"), "covidctmd_p001_ct.nii.gz")
+    infected_z = labels_p001["z"][labels_p001["infected"]].tolist()
     assert len(infected_z) == 80
     assert z_with_lung.min() <= min(infected_z) and max(infected_z) <= z_with_lung.max()
 
@@ -193,6 +194,56 @@ def test_evaluate_and_models_list(tmp_path, capsys):
     assert main(["models", "list"]) == 0
     listing = capsys.readouterr().out
     assert "hu-lungs" in listing and "hu-threshold" in listing
+
+
+def _write_labelmap(path: Path, labels: np.ndarray) -> Path:
+    img = sitk.GetImageFromArray(labels.astype(np.uint8))
+    img.SetSpacing((0.8, 0.8, 2.0))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_evaluate_against_per_slice_labels(tmp_path, capsys):
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[:, 2:6, 1:4] = 1                     # right lung on every slice
+    labels[:, 2:6, 4:7] = 2                     # left lung
+    labels[1, 3, 2] = labels[2, 3:5, 2] = labels[4, 3, 5] = 3   # infection on slices 1, 2 (area 2) and 4
+    pred = _write_labelmap(tmp_path / "scan7_labels.nii.gz", labels)
+    csv_path = tmp_path / "labels.csv"
+    truth = [0, 1, 1, 1, 0, 0]                 # slice 3 missed, slice 4 a false positive
+    csv_path.write_text("file,z_index,infected,LLL,LUL,RLL,RML,RUL\n" + "".join(
+        f"scan7.nii.gz,{z},{t},0,0,{t},0,0\n" for z, t in enumerate(truth)) + "other.nii.gz,0,1,0,0,0,0,0\n")
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--slice-labels", str(csv_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["file"] == "scan7" and result["n_slices"] == 6 and result["n_infected_slices"] == 3
+    s = result["slice"]
+    assert (s["tp"], s["fn"], s["tn"], s["fp"]) == (2, 1, 2, 1)
+    assert s["sensitivity"] == pytest.approx(2 / 3, abs=1e-6) and s["specificity"] == pytest.approx(2 / 3, abs=1e-6)
+    # AUC ranks the slices by infected area (here 0, 1, 2, 0, 1, 0)
+    assert s["auc"] == pytest.approx(roc_auc(np.array([0, 1, 2, 0, 1, 0]), np.array(truth, bool)))
+    assert "sides" not in result                # a labelmap with infection hides the sides
+    assert result["infected_share_of_lungs"] == pytest.approx(4 / (6 * 4 * 6), abs=1e-6)
+    with pytest.raises(InputError, match="no rows for 'missing'"):
+        evaluate_slice_labels(pred, csv_path, "missing")
+    short = tmp_path / "short.csv"
+    short.write_text("file,z_index,infected\nscan7.nii.gz,9,1\n")
+    with pytest.raises(InputError, match="does not fit"):
+        evaluate_slice_labels(pred, short)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("name,slice\nscan7,0\n")
+    with pytest.raises(InputError, match="not a per-slice label file"):
+        evaluate_slice_labels(pred, wrong)
+
+
+def test_roc_auc_and_slice_agreement():
+    truth = np.array([1, 1, 0, 0], bool)
+    assert roc_auc(np.array([3.0, 2.0, 1.0, 0.0]), truth) == 1.0
+    assert roc_auc(np.array([0.0, 1.0, 2.0, 3.0]), truth) == 0.0
+    assert roc_auc(np.array([1.0, 1.0, 1.0, 1.0]), truth) == 0.5     # ties count half
+    assert np.isnan(roc_auc(np.array([1.0, 2.0]), np.array([1, 1], bool)))
+    got = slice_agreement(np.array([5, 0, 0, 2]), truth)
+    assert (got["tp"], got["fn"], got["tn"], got["fp"]) == (1, 1, 1, 1)
 
 
 def test_demo_runs_and_reports_agreement(tmp_path, capsys):
