@@ -418,6 +418,8 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if not self._ensureDependencies(modelId):
             return
+        if not self._ensureModelDownloaded(modelId):
+            return
         replaceExisting = self._askReplaceExisting(params.outputSegmentation)
         if replaceExisting == "cancel":
             return
@@ -572,6 +574,28 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         populateModelComboBox(self.ui.modelSelector)
         self.updateModelDescription()
 
+    def _ensureModelDownloaded(self, modelId: str) -> bool:
+        """A model listed only by URL is fetched when the user agrees, never silently; offline, the error says
+        how to import a copy instead."""
+        entry = self.logic.modelEntry(modelId)
+        if entry is None or entry.available or not entry.url:
+            return True  # built-in, shipped or cached (an unknown id is reported by the run itself)
+        size = entry.details.get("size_bytes")
+        sizeText = f"{size / 1e6:.0f} MB" if size else _("unknown size")
+        question = _("Model {model} is not on this computer yet. Download it now ({size} from {url})?\n\n"
+                     "Offline, download the file on another computer and use Import model.").format(
+            model=modelId, size=sizeText, url=entry.url)
+        if not slicer.util.confirmYesNoDisplay(question):
+            return False
+        with _errorsShown(_("The model could not be downloaded.")):
+            self.appendLog(_("Downloading model {model} from {url}...").format(model=modelId, url=entry.url))
+            slicer.app.processEvents()
+            entry = self.logic.downloadModel(modelId)
+            populateModelComboBox(self.ui.modelSelector)
+            self.appendLog(_("Downloaded model {model} to {path}.").format(model=modelId, path=entry.path))
+            return True
+        return False
+
     def onImportModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Import a model file"), "",
                                               _("Model checkpoints (*.pt *.pth *.ckpt);;All files (*)"))
@@ -683,6 +707,22 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         from COVIDLesionSegLib import catalogue
 
         return catalogue.import_model(path)
+
+    def modelEntry(self, modelId: str):
+        """The catalogue entry of ``modelId``, or None for an unknown id."""
+        from COVIDLesionSegLib import catalogue
+        from COVIDLesionSegLib.errors import ModelError
+
+        try:
+            return catalogue.get_entry(modelId)
+        except ModelError:
+            return None
+
+    def downloadModel(self, modelId: str):
+        """Fetch a model listed with a download URL into the model cache (checked against its sha256)."""
+        from COVIDLesionSegLib import catalogue
+
+        return catalogue.download_model(modelId)
 
     def verifyModels(self) -> list:
         from COVIDLesionSegLib import catalogue

@@ -8,6 +8,11 @@ Sources, in order (a later source cannot shadow an earlier id):
 3. the user's model cache folder (``COVIDLESIONSEG_MODEL_DIR``, default ``~/.cache/covidlesionseg/models``),
    where ``covidlesionseg models import FILE`` places checkpoints, each with a ``<file>.json`` sidecar.
 
+A manifest entry with a ``url`` is fetched only on request (``covidlesionseg models download ID``,
+:func:`download_model`) into the cache, under the URL's file name, and checked against its sha256. Offline,
+the same file downloaded elsewhere can be imported (:func:`import_model` puts a checkpoint whose id and
+sha256 match such an entry where the catalogue looks for it).
+
 Manifest entry fields: ``id``, ``version``, ``task`` (lungs|infection), ``description``, ``file`` (relative to
 the manifest) or ``url``, ``sha256``, ``size_bytes``, ``licence``, ``expected_seconds`` ({"cpu": s, "gpu": s}),
 ``metrics`` and ``provenance``. ``defaults`` names the default id per task.
@@ -162,8 +167,57 @@ def verify_models() -> list[tuple[ModelEntry, str]]:
     return results
 
 
+def download_model(model_id: str, overwrite: bool = False, timeout_s: float = 60.0) -> ModelEntry:
+    """Fetch a manifest model listed with a ``url`` into the cache, checking its sha256 while streaming.
+
+    Only ever called on request (the CLI's ``models download``); nothing downloads at segmentation time. The
+    file is written atomically, so a failed or interrupted download leaves nothing behind. Offline, the
+    error says how to import a copy fetched elsewhere. A file already cached with the right checksum is
+    kept (``overwrite`` fetches it again).
+    """
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    from .models.checkpoint import file_sha256
+    from .outputs import atomic_write
+
+    entry = get_entry(model_id)
+    if not entry.url:
+        where = "is built in" if entry.source == "built-in" else f"ships with the extension ({entry.path})"
+        raise ModelError(f"model {model_id!r} has no download URL: it {where}")
+    assert entry.path is not None  # a url entry always has its cache path
+    if entry.available and not overwrite and (entry.sha256 is None or file_sha256(entry.path) == entry.sha256):
+        return entry
+
+    def fetch(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(entry.url, timeout=timeout_s) as response, tmp.open("wb") as f:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ModelError(
+                f"could not download model {model_id!r} from {entry.url} ({reason}). If this computer is offline, "
+                f"download the file on another one, check its sha256 ({entry.sha256}) and run "
+                f"`covidlesionseg models import FILE`.") from None
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise ModelError(f"the download of model {model_id!r} from {entry.url} is corrupted or not the listed "
+                             f"file: sha256 {digest.hexdigest()}, expected {entry.sha256}; nothing was saved")
+
+    atomic_write(entry.path, fetch)
+    return get_entry(model_id)
+
+
 def import_model(path: str | os.PathLike, overwrite: bool = False) -> ModelEntry:
-    """Copy a checkpoint into the cache after loading it (format and tensor checksums verified)."""
+    """Copy a checkpoint into the cache after loading it (format and tensor checksums verified).
+
+    A checkpoint of a manifest model listed with a ``url`` must match that entry's sha256 and goes where
+    :func:`download_model` would put it; any other goes in as ``<id>-v<version>.pt`` with a sidecar record,
+    so two exported runs both called ``model.pt`` do not collide.
+    """
     from .models.checkpoint import file_sha256, load_checkpoint
     from .outputs import atomic_write, atomic_write_text
 
@@ -172,9 +226,23 @@ def import_model(path: str | os.PathLike, overwrite: bool = False) -> ModelEntry
         ckpt = load_checkpoint(src)
     except Exception as exc:  # CheckpointError and friends: the message already says what is wrong
         raise ModelError(f"{src} cannot be imported: {exc}") from None
+    listed = next((e for e in list_models() if e.model_id == ckpt.model_id and e.source != "cache"), None)
+    if listed is not None and listed.url:
+        digest = file_sha256(src)
+        if listed.sha256 and digest != listed.sha256:
+            raise ModelError(f"{src} claims to be model {ckpt.model_id!r} but its sha256 {digest} is not the "
+                             f"listed {listed.sha256}; it was not imported")
+        assert listed.path is not None
+        if listed.path.exists() and not overwrite:
+            raise ModelError(f"{listed.path} already exists; pass --overwrite to replace it")
+        atomic_write(listed.path, lambda tmp: shutil.copyfile(src, tmp))
+        return get_entry(ckpt.model_id)
+    if listed is not None:
+        raise ModelError(f"model id {ckpt.model_id!r} is already taken by a {listed.source} model; export the "
+                         "checkpoint with another --model-id")
     target_dir = cache_dir()
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / src.name
+    target = target_dir / f"{ckpt.model_id}-v{ckpt.version}{src.suffix or '.pt'}"
     sidecar = target.with_name(target.name + ".json")
     if (target.exists() or sidecar.exists()) and not overwrite:
         raise ModelError(f"{target} already exists; pass --overwrite to replace it")

@@ -5,7 +5,7 @@
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
     covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
-    covidlesionseg models list | verify | import PATH
+    covidlesionseg models list | verify | download ID | import PATH
 
 Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
 every case succeeded, 1 when any case failed, 2 for a usage error, 130 when cancelled (Ctrl-C).
@@ -98,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --slice-labels: the CSV's file name of the scan (default: from --pred's name)")
     ev.add_argument("--tau", type=float, default=3.0, help="NSD tolerance in mm (default 3)")
 
-    models = sub.add_parser("models", help="list, verify or import models")
+    models = sub.add_parser("models", help="list, verify, download or import models")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="known models and where their files are")
     msub.add_parser("verify", help="check every local model file against its sha256")
+    dl = msub.add_parser("download", help="fetch a model listed with a download URL into the model cache")
+    dl.add_argument("model_id", metavar="ID")
+    dl.add_argument("--overwrite", action="store_true", help="fetch again even if a verified copy is cached")
     imp = msub.add_parser("import", help="add a checkpoint file to the model cache")
     imp.add_argument("path", type=Path)
     imp.add_argument("--overwrite", action="store_true")
@@ -233,6 +236,10 @@ def cmd_models(args) -> int:
             print(f"{entry.model_id:28s} {status}")
             bad += status.startswith(("MISMATCH", "missing"))
         return 1 if bad else 0
+    if args.models_command == "download":
+        entry = catalogue.download_model(args.model_id, overwrite=args.overwrite)
+        print(f"{entry.model_id} (v{entry.version}, {entry.task}) is in {entry.path}")
+        return 0
     if args.models_command == "import":
         entry = catalogue.import_model(args.path, overwrite=args.overwrite)
         print(f"imported {entry.model_id} (v{entry.version}, {entry.task}) to {entry.path}")

@@ -25,6 +25,7 @@ from COVIDLesionSegLib.segments import SEGMENTS
 from COVIDLesionSegLib.slicer_logic import SegmentationLogic
 from COVIDLesionSegLib.volume import CTVolume
 from Testing.conftest import shared_file
+from Testing.engine.test_catalogue import remote_model, test_archs  # noqa: F401 (fixtures: a URL-only model)
 
 from .conftest import processes_in_group
 from .test_mrml_adapter import oblique_direction, segment_names, tag
@@ -366,3 +367,18 @@ def test_install_never_hands_torch_or_simpleitk_to_pip(module_file, monkeypatch)
     assert calls == []                                      # no torch for the built-in model
     assert ensured["reqs"] == ["nopkg-x>=1"]
     assert set(ensured["skip_packages"]) == {"torch", "SimpleITK"} and ensured["prompt_install"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models listed by URL: fetched only on request
+# ---------------------------------------------------------------------------------------------------------
+
+def test_logic_downloads_a_url_model_only_when_asked(module_file, remote_model):
+    served, record = remote_model
+    logic = module_file.COVIDLesionSegLogic()
+    entry = logic.modelEntry("big-variant")
+    assert entry is not None and entry.url == record["url"] and not entry.available
+    assert logic.modelEntry("no-such-model") is None
+    downloaded = logic.downloadModel("big-variant")
+    assert downloaded.available and downloaded.path.read_bytes() == served.read_bytes()
+    assert logic.modelEntry("big-variant").available
