@@ -270,6 +270,12 @@ def covid19ctseg_folds(cases: Sequence[Case] | None = None, split_file: str | No
             for s in splits]
 
 
+def _source_group(case: Case) -> str:
+    """``coronacases`` or ``radiopaedia`` for a 2D COVID-19-CT-Seg slice: its reader's ``source_group``, else
+    the shared data's numbering (groups 0-7 coronacases, 10-19 Radiopaedia)."""
+    return case.meta.get("source_group") or ("coronacases" if int(case.group) < 10 else "radiopaedia")
+
+
 def ctseg2d_protocol_folds(cases: Sequence[Case], n_train_groups: int = 4, n_folds: int = 2,
                            seed: int = 0) -> list[Split]:
     """The CPU protocol on the shared 2D COVID-19-CT-Seg slices: folds of 4 training and 14 test groups.
@@ -290,7 +296,7 @@ def ctseg2d_protocol_folds(cases: Sequence[Case], n_train_groups: int = 4, n_fol
     source_group: dict[str, str] = {}
     for c in cases:
         groups.setdefault(c.group, []).append(c.id)
-        sg = c.meta.get("source_group") or ("coronacases" if int(c.group) < 10 else "radiopaedia")
+        sg = _source_group(c)
         if source_group.setdefault(c.group, sg) != sg:
             raise ValueError(f"group {c.group} mixes coronacases and radiopaedia slices")
     corona = sorted((g for g in groups if source_group[g] == "coronacases"), key=lambda g: int(g))
@@ -339,11 +345,7 @@ def ctseg2d_kfold(cases: Sequence[Case], n_folds: int = 3, seed: int = 0) -> lis
     coronacases groups by models that also trained on Radiopaedia. Metrics stay per volume group
     (``eval.unit: group``): the unit only decides the split.
     """
-    def unit(c: Case) -> str:
-        sg = c.meta.get("source_group") or ("coronacases" if int(c.group) < 10 else "radiopaedia")
-        return "radiopaedia" if sg == "radiopaedia" else c.group
-
-    units = [replace(c, group=unit(c)) for c in cases]
+    units = [replace(c, group="radiopaedia") if _source_group(c) == "radiopaedia" else c for c in cases]
     mapping = {c.id: c.group for c in cases}
     splits = []
     for split in grouped_kfold(units, n_folds, seed=seed):
