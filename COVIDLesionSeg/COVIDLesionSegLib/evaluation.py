@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .io import case_name
 from .metrics import case_metrics
 from .segments import SEGMENTS
 
@@ -98,7 +99,7 @@ def read_slice_labels(path: str | Path, file_name: str) -> dict[str, np.ndarray]
         missing = {"file", "z_index", "infected"} - set(reader.fieldnames or ())
         if missing:
             raise InputError(f"{path}: not a per-slice label file (missing column(s) {', '.join(sorted(missing))})")
-        rows = [r for r in reader if r["file"] == file_name or _stem(r["file"]) == _stem(file_name)]
+        rows = [r for r in reader if r["file"] == file_name or case_name(r["file"]) == case_name(file_name)]
     if not rows:
         raise InputError(f"{path}: no rows for {file_name!r}")
     out = {"z": np.array([int(r["z_index"]) for r in rows]),
@@ -107,14 +108,6 @@ def read_slice_labels(path: str | Path, file_name: str) -> dict[str, np.ndarray]
         out["right"] = np.array([any(int(r[k]) for k in RIGHT_LOBES) for r in rows])
         out["left"] = np.array([any(int(r[k]) for k in LEFT_LOBES) for r in rows])
     return out
-
-
-def _stem(name: str) -> str:
-    name = Path(name).name
-    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -158,7 +151,7 @@ def evaluate_slice_labels(pred: str | Path, labels_csv: str | Path, file_name: s
     if infection is None:
         raise InputError(f"{pred}: no infection segment to compare with per-slice labels")
     if file_name is None:
-        stem = _stem(str(pred))
+        stem = case_name(pred)
         file_name = stem[: -len("_labels")] if stem.endswith("_labels") else stem
     labels = read_slice_labels(labels_csv, file_name)
     if labels["z"].min() < 0 or labels["z"].max() >= infection.shape[0]:
