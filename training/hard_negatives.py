@@ -28,8 +28,9 @@ from COVIDLesionSegLib.outputs import atomic_write
 from COVIDLesionSegLib.predictor import HULungModel
 from COVIDLesionSegLib.preprocessing import apply_intensity, resize_slices
 from COVIDLesionSegLib.volume import CTVolume
+from training.config import shared_data_dir
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = shared_data_dir()
 SIZE = 256
 MIN_LUNG_FRACTION = 0.01
 
