@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--which", choices=("best", "last"), default="best")
     e.add_argument("--model-id", default=None)
 
+    # Listed for the help text; main() hands its arguments to training.synthesis.main.
+    sub.add_parser("synthesize", add_help=False,
+                   help="insert synthetic COVID-19-like lesions into a real HU scan (scan + exact mask)")
+
     sub.add_parser("procedures", help="list the registered training procedures")
     sub.add_parser("configs", help="list the configs in training/configs")
     return p
@@ -170,6 +174,12 @@ def cmd_configs(args) -> int:
     return EXIT_OK
 
 
+def cmd_synthesize(rest: Sequence[str]) -> int:
+    from training.synthesis import main as synthesize_main
+
+    return synthesize_main(rest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from COVIDLesionSegLib.errors import InputError
     from training.config import ConfigError
@@ -177,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.runs import RunError
     from training.trainer import TrainingError, TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synthesize"]:   # argparse would keep "--help" for itself; the synthesiser parses its own
+        return cmd_synthesize(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "cv": cmd_cv, "table": cmd_table, "export": cmd_export,
                 "procedures": cmd_procedures, "configs": cmd_configs}
