@@ -55,8 +55,8 @@ from .lungs import split_right_left
 from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .predictor import ModelInfo
 from .postprocess import InfectionPostprocess
-from .preprocessing import (apply_intensity, bounding_box, margin_voxels, resampled_shape, resize_slices,
-                            resize_volume)
+from .preprocessing import (apply_intensity, bounding_box, margin_voxels, pad_to_square, resampled_shape,
+                            resize_slices, resize_volume)
 from .progress import ProgressCallback, report
 from .volume import CTVolume
 
@@ -237,11 +237,15 @@ class NetworkModel:
             for start in range(0, n, bs):
                 zb = zs[start:start + bs]
                 x = np.asarray(hu[zb][:, ys, xs], dtype=np.float32)
+                if self.crop != "lung_bbox":
+                    x, inside = pad_to_square(x)      # whole slices keep their proportions (see its docstring)
                 h, w = x.shape[1:]
                 x = resize_slices(x, self.slice_size, mode="bilinear")
                 x = apply_intensity(x, self.intensity)
                 probs = self._probabilities(self._forward(self._input_tensor(x)), all_channels)
                 probs = resize_slices(probs, (h, w), mode="bilinear").float().cpu().numpy()
+                if self.crop != "lung_bbox":
+                    probs = probs[..., inside[0], inside[1]]
                 if self.crop == "lung_bbox":
                     sink(zb, probs)
                 else:

@@ -71,8 +71,9 @@ class InfectionPostprocess:
         if self.min_hu is not None or self.max_hu is not None:
             img = sitk.GetImageFromArray(np.asarray(hu[box], dtype=np.float32))
             img.SetSpacing(spacing_xyz)
-            smooth = (sitk.GetArrayViewFromImage(sitk.SmoothingRecursiveGaussian(img, self.smoothing_mm))
-                      if self.smoothing_mm > 0 else sitk.GetArrayViewFromImage(img))
+            # GetArrayFromImage copies: a view of a temporary image would dangle once the image is freed.
+            smooth = (sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, self.smoothing_mm))
+                      if self.smoothing_mm > 0 else np.asarray(hu[box], dtype=np.float32))
             if self.min_hu is not None:
                 kept &= smooth >= self.min_hu
             if self.max_hu is not None:
@@ -83,7 +84,7 @@ class InfectionPostprocess:
             voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
             labels = sitk.ConnectedComponent(img, True)   # full (26-)connectivity
             min_voxels = int(math.ceil(self.min_component_ml / voxel_ml - 1e-9))
-            kept = sitk.GetArrayViewFromImage(sitk.RelabelComponent(labels, min_voxels)) > 0
+            kept = sitk.GetArrayFromImage(sitk.RelabelComponent(labels, min_voxels)) > 0
         out = np.zeros_like(mask)
         out[box] = kept
         return out
