@@ -62,6 +62,7 @@ from scipy import ndimage as ndi
 
 from . import progress as _progress
 from .progress import ProgressCallback
+from .volume import stable_spacing
 
 RIGHT = 1
 LEFT = 2
@@ -113,7 +114,7 @@ def segment_lungs(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
         raise ValueError(f"segment_lungs needs a 3D (z, y, x) array, got shape {hu.shape}")
     if min(hu.shape) < 2:
         raise ValueError(f"volume {hu.shape} is too small for lung segmentation (need >= 2 voxels per axis)")
-    spacing = tuple(float(s) for s in spacing_zyx)
+    spacing = stable_spacing(spacing_zyx)  # the rounding and distance thresholds below must not see 1e-14 noise
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing_zyx must be three positive numbers in mm, got {spacing_zyx!r}")
 
