@@ -2,6 +2,7 @@
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
+                   [--allow-slice-gaps]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
     covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
                      help="the window an 8-bit (0-255) image was made with, to map it back to HU")
+    seg.add_argument("--allow-slice-gaps", action="store_true",
+                     help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
@@ -124,7 +127,8 @@ def _options(args):
 
     return SegmentOptions(infection_model=args.model, lung_model=args.lung_model, device=args.device,
                           lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
-                          input_window=getattr(args, "input_window", None))
+                          input_window=getattr(args, "input_window", None),
+                          allow_slice_gaps=getattr(args, "allow_slice_gaps", False))
 
 
 def _err(message: str) -> None:

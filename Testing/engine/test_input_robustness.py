@@ -53,3 +53,85 @@ def test_random_orientation_and_tiny_spacing_changes_give_identical_physical_res
         result = hu_pipeline.run(CTVolume.from_image(stored))
         assert _volumes(result) == base_volumes, (code, eps.tolist())
         assert np.array_equal(_lps_labels(result), base_labels), (code, eps.tolist())
+
+
+# ------------------------------------------------------------------------------------ DICOM series (item 4)
+
+def _ramp_series(folder, positions_z, uid, tags=None):
+    """A DICOM series whose every voxel of slice k holds a value linear in its z position, so that an
+    interpolated slice has a known exact value."""
+    from Testing.engine.test_io_checks import _write_dicom_series, hu_image
+
+    arr = sitk.GetArrayFromImage(hu_image(shape_zyx=(len(positions_z), 80, 80))).astype(np.int16)
+    arr[:, :4, :4] = (np.round(np.asarray(positions_z) * 4) - 900).astype(np.int16)[:, None, None]  # the ramp
+    _write_dicom_series(folder, arr, (0.8, 0.8, 2.5), uid, positions_z=list(positions_z), extra_tags=tags)
+    return arr
+
+
+def test_dicom_series_with_missing_slices_is_refused_unless_allowed(tmp_path):
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.io import read_image
+
+    z_all = [2.5 * k for k in range(12)]
+    z_kept = [z for k, z in enumerate(z_all) if k not in (5, 6)]        # two slices lost in transfer
+    _ramp_series(tmp_path / "gap", z_kept, "1.2.3.4.500")
+    with pytest.raises(InputError, match=r"2 missing.*10.*17\.5.*--allow-slice-gaps"):
+        read_image(tmp_path / "gap")
+
+    image, notes = read_image(tmp_path / "gap", allow_slice_gaps=True)
+    # Resampled onto the true positions: 12 slices 2.5 mm apart from the first slice's position.
+    assert image.GetSize() == (80, 80, 12)
+    assert image.GetSpacing()[2] == pytest.approx(2.5)
+    assert image.GetOrigin()[2] == pytest.approx(0.0)
+    marker = sitk.GetArrayFromImage(image)[:, 0, 0]
+    assert marker.tolist() == [round(z * 4) - 900 for z in z_all]          # the ramp, missing slices included
+    assert any("interpolated" in n and "2 missing" in n for n in notes), notes
+
+
+def test_evenly_spaced_dicom_series_is_read_as_stored(tmp_path):
+    from COVIDLesionSegLib.io import read_image
+
+    z = [2.5 * k for k in range(10)]
+    arr = _ramp_series(tmp_path / "even", z, "1.2.3.4.510")
+    image, notes = read_image(tmp_path / "even", allow_slice_gaps=True)
+    assert np.array_equal(sitk.GetArrayFromImage(image), arr)
+    assert not any("interpolated" in n for n in notes)
+
+
+def test_every_dicom_series_is_named_and_the_used_one_said(tmp_path):
+    from COVIDLesionSegLib.io import read_image
+
+    _ramp_series(tmp_path / "study" / "s3", [2.5 * k for k in range(10)], "1.2.3.4.600",
+                 tags={"0008|103e": "ThoraxRoutine 1.0 B40f", "0020|0011": "3"})
+    _ramp_series(tmp_path / "study" / "s2", [5.0 * k for k in range(6)], "1.2.3.4.700",
+                 tags={"0008|103e": "Lung 5.0", "0020|0011": "2"})
+    # A PET/CT export: the PET series has more slices but is not the CT.
+    _ramp_series(tmp_path / "study" / "pet", [2.5 * k for k in range(14)], "1.2.3.4.750",
+                 tags={"0008|0060": "PT", "0008|103e": "PET AC"})
+    image, notes = read_image(tmp_path / "study")
+    assert image.GetSize()[2] == 10
+    text = " ".join(notes)
+    for expected in ("3 DICOM series", "PET AC", "14 slices", "ThoraxRoutine 1.0 B40f", "Lung 5.0", "1.2.3.4.600", "1.2.3.4.700",
+                     "10 slices", "6 slices"):
+        assert expected in text, (expected, notes)
+    used = [n for n in notes if "used" in n.lower()]
+    assert used and "1.2.3.4.600" in used[0] and "1.2.3.4.700" not in used[0] and "PET" not in used[0], notes
+
+
+def test_cli_allow_slice_gaps_flag(tmp_path, capsys):
+    from COVIDLesionSegLib.cli import main
+    from Testing.engine.test_io_checks import _write_dicom_series
+
+    image, _ = make_chest_phantom(shape_zyx=(40, 96, 104), spacing_zyx=(6.0, 3.6, 3.4))
+    arr = sitk.GetArrayFromImage(image)
+    keep = [k for k in range(40) if k != 20]
+    _write_dicom_series(tmp_path / "series", arr[keep], (3.4, 3.6, 6.0), "1.2.3.4.800",
+                        positions_z=[6.0 * k for k in keep])
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "series"), "-o", str(out), "--quiet"]) == 1
+    assert "--allow-slice-gaps" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "series"), "-o", str(out), "--quiet", "--allow-slice-gaps"]) == 0
+    import json
+    report = json.loads((out / "series.json").read_text())
+    assert report["input"]["size"] == [104, 96, 40]
+    assert any("interpolated" in n for n in report["notes"])
