@@ -16,6 +16,7 @@ duplicate positions or uneven spacing without gaps are reported in ``CTVolume.no
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -137,6 +138,7 @@ def read_image(path: str | os.PathLike, allow_slice_gaps: bool = False) -> tuple
                 "A DICOM series must be given as its folder."
             ) from None
         _check_size(p, reader.GetSize())
+        _check_complete(p, reader)
         try:
             image = reader.Execute()
         except (RuntimeError, MemoryError) as exc:
@@ -154,6 +156,78 @@ def _check_file_suffix(p: Path) -> None:
             f"{p}: unsupported file type; use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) "
             "or a DICOM series folder"
         )
+
+
+def _check_complete(p: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a truncated or damaged file that ITK would read without an error.
+
+    ITK's NIfTI reader fills a truncated file (plain or gzipped) with zeros, and its MetaImage reader returns
+    garbage when the zlib data are corrupted (it only prints "Uncompress failed"); both would then be
+    segmented as if they were real scans. So: a plain ``.nii`` must hold ``vox_offset`` + all voxels; a
+    ``.nii.gz`` is decompressed once (gzip checks its CRC and length) and must hold as much; the zlib
+    stream of a compressed MetaImage must decompress without error. NRRD needs nothing: ITK already
+    refuses truncated and corrupted NRRD data. Uncompressed formats carry no checksum, so a flipped pixel
+    byte there cannot be detected by anyone.
+    """
+    name = p.name.lower()
+    problem = None
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            dims = [int(reader.GetMetaData(f"dim[{k}]")) for k in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
+            needed = int(float(reader.GetMetaData("vox_offset"))) + (
+                int(np.prod(dims, dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8)
+            have = _inflated_length(p) if name.endswith(".gz") else p.stat().st_size
+            if have < needed:
+                problem = f"truncated: it holds {have} bytes of the {needed} its header announces"
+        elif name.endswith((".mha", ".mhd")):
+            _check_metaimage_stream(p)
+    except (OSError, EOFError, zlib.error) as exc:
+        problem = f"damaged or truncated ({exc or type(exc).__name__})"
+    if problem:
+        raise InputError(f"{p}: the file is {problem}; copy or export it again")
+
+
+def _inflated_length(source: Path, start: int = 0, wbits: int = 31) -> int:
+    """Length of a gzip (``wbits`` 31) or zlib (15) stream once decompressed, read in chunks and thrown away.
+
+    zlib checks the stream's checksum (gzip: CRC-32 and length) at its end and raises ``zlib.error`` on a
+    damaged stream; a stream cut short raises EOFError. Concatenated gzip members are followed.
+    """
+    total, stream = 0, zlib.decompressobj(wbits)
+    with open(source, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(1 << 22):
+            while chunk:
+                total += len(stream.decompress(chunk, 1 << 24))   # bounded output: pixels are never all held
+                chunk = stream.unconsumed_tail
+                if stream.eof and stream.unused_data and wbits == 31:
+                    chunk, stream = stream.unused_data, zlib.decompressobj(wbits)
+    if not stream.eof:
+        raise EOFError("the compressed data end early")
+    return total
+
+
+def _check_metaimage_stream(p: Path) -> None:
+    """Decompress the zlib pixel data of a compressed MetaImage (``CompressedData = True``) to verify it."""
+    header: dict[str, str] = {}
+    offset = 0
+    with open(p, "rb") as fh:
+        for raw in fh:
+            offset += len(raw)
+            key, _, value = raw.decode("latin-1").partition("=")
+            header[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                break
+    if header.get("compresseddata", "").lower() != "true":
+        return
+    data_file = header.get("elementdatafile", "")
+    if data_file.upper() == "LOCAL":
+        source, start = p, offset
+    elif data_file and " " not in data_file and "%" not in data_file and data_file.upper() != "LIST":
+        source, start = p.parent / data_file, 0   # one external .zraw file (lists and patterns: not checked)
+    else:
+        return
+    _inflated_length(source, start, wbits=15)
 
 
 def _check_size(where, size) -> None:
@@ -239,6 +313,40 @@ def find_dicom_series(folder: Path) -> list[DicomSeries]:
     return sorted(found, key=_preference)
 
 
+def _check_no_dropped_files(folder: Path, found: list[DicomSeries], chosen: DicomSeries) -> None:
+    """Refuse a folder holding DICOM files that GDCM left out of every series because it could not read them.
+
+    GDCM skips a damaged or truncated slice file without a word; when it held the first or last slice the
+    series still looks complete and the scan is silently shorter. A file left out is a problem when its
+    header cannot be read at all (it may have been any slice) or when it belongs to the series being read.
+    Other DICOM objects that are not images (a DICOMDIR, a report of another series) are left alone.
+    """
+    listed = {os.path.normcase(os.path.abspath(f)) for s in found for f in s.files}
+    unread = []
+    reader = sitk.ImageFileReader()
+    for directory, _subdirs, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(directory) / name
+            if name.upper() == "DICOMDIR" or name.startswith(".") or not _is_dicom_file(path):
+                continue
+            if os.path.normcase(os.path.abspath(path)) in listed:
+                continue
+            reader.SetFileName(str(path))
+            try:
+                reader.ReadImageInformation()
+                same_series = reader.HasMetaDataKey("0020|000e") and \
+                    reader.GetMetaData("0020|000e").strip() == chosen.uid
+            except RuntimeError:
+                same_series = True   # unreadable: it may be any slice of the series
+            if same_series:
+                unread.append(os.path.relpath(path, folder))
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise InputError(f"{folder}: {len(unread)} DICOM file(s) could not be read (damaged or truncated): {shown}. "
+                         "The series would be incomplete; copy or export it again, or remove the files if they "
+                         "do not belong to this scan")
+
+
 def _preference(series: DicomSeries) -> tuple:
     """Volumes first (2+ slices, not a localizer), CT before other modalities (a PET/CT export holds both),
     then the most slices; the UID breaks ties so the choice never depends on the file system's order."""
@@ -258,6 +366,7 @@ def _read_dicom_series(folder: Path, allow_slice_gaps: bool = False) -> tuple[si
                      "series, give a folder that holds only that series")
     if len(chosen.files) < 2:
         raise InputError(f"{folder}: the largest DICOM series has a single slice; a 3D CT series is needed")
+    _check_no_dropped_files(folder, found, chosen)
     files = chosen.files
     geometry = _slice_geometry(files)
     notes.extend(geometry.notes)

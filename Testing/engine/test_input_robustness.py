@@ -135,3 +135,96 @@ def test_cli_allow_slice_gaps_flag(tmp_path, capsys):
     report = json.loads((out / "series.json").read_text())
     assert report["input"]["size"] == [104, 96, 40]
     assert any("interpolated" in n for n in report["notes"])
+
+
+# ------------------------------------------------------------------ truncated and corrupted files (fault injection)
+
+# (file name, compressed, the file that holds the pixels): every file format the reader accepts.
+FORMATS = [("ct.nii", False, "ct.nii"), ("ct.nii.gz", True, "ct.nii.gz"), ("ct.nrrd", False, "ct.nrrd"),
+           ("ct.nrrd", True, "ct.nrrd"), ("ct.mha", False, "ct.mha"), ("ct.mha", True, "ct.mha"),
+           ("ct.mhd", False, "ct.raw"), ("ct.mhd", True, "ct.zraw"), ("ct.nhdr", False, "ct.raw")]
+FORMAT_IDS = [f"{name}{'-compressed' if z else ''}" for name, z, _ in FORMATS]
+
+
+@pytest.fixture(scope="module")
+def small_ct():
+    image, _ = make_chest_phantom(shape_zyx=(16, 96, 96), spacing_zyx=(4.0, 3.6, 3.6))
+    return image
+
+
+def _write(folder, image, name, compressed):
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / name), useCompression=compressed)
+    return folder / name
+
+
+@pytest.mark.parametrize("name, compressed, data_file", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("keep", [0.3, 0.7, 0.999])
+def test_truncated_file_of_every_format_is_refused(tmp_path, small_ct, name, compressed, data_file, keep):
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.io import read_image
+
+    path = _write(tmp_path, small_ct, name, compressed)
+    data = (tmp_path / data_file).read_bytes()
+    (tmp_path / data_file).write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(InputError, match="truncated|damaged|cannot be read") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name, compressed, data_file", [f for f in FORMATS if f[1]],
+                         ids=[i for i, f in zip(FORMAT_IDS, FORMATS) if f[1]])
+def test_corrupted_compressed_file_is_refused(tmp_path, small_ct, name, compressed, data_file):
+    """A flipped byte inside compressed pixel data breaks the stream's checksum: refuse, never read garbage.
+    (Uncompressed formats carry no checksum; a flipped pixel byte there cannot be told from a real value.)"""
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.io import read_image
+
+    path = _write(tmp_path, small_ct, name, compressed)
+    data = bytearray((tmp_path / data_file).read_bytes())
+    for i in np.random.default_rng(3).integers(len(data) // 2, len(data) - 16, 40):
+        data[i] ^= 0x5A
+    (tmp_path / data_file).write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged|truncated|cannot be read"):
+        read_image(path)
+
+
+def test_intact_files_of_every_format_read_identically(tmp_path, small_ct):
+    from COVIDLesionSegLib.io import read_image
+
+    expected = sitk.GetArrayFromImage(small_ct)
+    for k, (name, compressed, _) in enumerate(FORMATS):
+        image, _ = read_image(_write(tmp_path / str(k), small_ct, name, compressed))
+        assert np.array_equal(sitk.GetArrayFromImage(image), expected), FORMAT_IDS[k]
+
+
+def _damage_end_slice(files, how):
+    """Damage the file holding the series' last slice (the reader's gap check cannot see a lost end)."""
+    reader = sitk.ImageFileReader()
+    def z_of(f):
+        reader.SetFileName(str(f))
+        reader.ReadImageInformation()
+        return float(reader.GetMetaData("0020|0032").split("\\")[2])
+    last = max(files, key=z_of)
+    data = last.read_bytes()
+    if how == "truncated-pixels":
+        last.write_bytes(data[: int(len(data) * 0.8)])
+    elif how == "truncated-header":
+        last.write_bytes(data[:300])
+    else:  # zeroed header
+        last.write_bytes(data[:140] + bytes(300) + data[440:])
+    return last
+
+
+@pytest.mark.parametrize("how", ["truncated-pixels", "truncated-header", "zeroed-header"])
+def test_damaged_dicom_slice_is_refused_not_dropped(tmp_path, how):
+    """GDCM silently leaves out a slice file it cannot read; the series then looks complete but is short."""
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.io import read_image
+
+    _ramp_series(tmp_path / "series", [2.5 * k for k in range(10)], "1.2.3.4.900")
+    (tmp_path / "series" / "README.txt").write_text("exported by the PACS")   # not DICOM: ignored
+    damaged = _damage_end_slice(sorted((tmp_path / "series").glob("*.dcm")), how)
+    with pytest.raises(InputError, match="could not be read") as info:
+        read_image(tmp_path / "series")
+    assert damaged.name in str(info.value)
