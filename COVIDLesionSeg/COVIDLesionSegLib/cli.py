@@ -131,6 +131,17 @@ def _options(args):
                           allow_slice_gaps=getattr(args, "allow_slice_gaps", False))
 
 
+def device_note(args) -> Optional[str]:
+    """The catalogue's note when ``args.device`` is one the chosen models (``add_model_options``) do not use;
+    this CLI and batch.py print it once, before the first case."""
+    from . import catalogue
+
+    ids = [args.lung_model or catalogue.default_model_id("lungs")]
+    if not args.lungs_only:
+        ids.append(args.model or catalogue.default_model_id("infection"))
+    return catalogue.device_note(args.device, ids)
+
+
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -148,6 +159,9 @@ def cmd_segment(args, inputs=None) -> int:
         progress.close()
         _err(f"FAILED {path}: {message}")
 
+    note = device_note(args)
+    if note:
+        _err(f"note: {note}")
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
                            on_case=progress.start_case, on_error=on_error)
     progress.close()

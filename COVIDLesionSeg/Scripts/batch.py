@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
-from COVIDLesionSegLib.cli import add_model_options  # noqa: E402
+from COVIDLesionSegLib.cli import add_model_options, device_note  # noqa: E402
 from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
 
 
@@ -204,6 +204,9 @@ def run_batch(args) -> int:
     if not cases:
         print("error: no CT files or DICOM series folders found in the inputs", file=sys.stderr)
         return 2
+    note = device_note(args)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     results_csv = output / "results.csv"

@@ -228,3 +228,20 @@ def test_damaged_dicom_slice_is_refused_not_dropped(tmp_path, how):
     with pytest.raises(InputError, match="could not be read") as info:
         read_image(tmp_path / "series")
     assert damaged.name in str(info.value)
+
+
+# ------------------------------------------------------------------------------ device notes (item 12)
+
+def test_device_cuda_with_cpu_only_models_prints_a_note(tmp_path, capsys):
+    from COVIDLesionSegLib.cli import main
+
+    image, _ = make_chest_phantom(shape_zyx=(40, 96, 104), spacing_zyx=(6.0, 3.6, 3.4))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(path))
+    assert main(["segment", str(path), "-o", str(tmp_path / "cuda"), "--device", "cuda", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "--device cuda" in line]
+    assert note and "hu-lungs" in note[0] and "hu-threshold" in note[0] and "CPU" in note[0], err
+    assert main(["segment", str(path), "-o", str(tmp_path / "cpu"), "--device", "cpu", "--quiet",
+                 "--lungs-only"]) == 0
+    assert "--device cuda" not in capsys.readouterr().err
