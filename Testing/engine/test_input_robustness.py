@@ -245,3 +245,53 @@ def test_device_cuda_with_cpu_only_models_prints_a_note(tmp_path, capsys):
     assert main(["segment", str(path), "-o", str(tmp_path / "cpu"), "--device", "cpu", "--quiet",
                  "--lungs-only"]) == 0
     assert "--device cuda" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- evaluation in physical space (item 5)
+
+def _truth_labelmap():
+    # A coarse grid: the surface metrics (NSD, HD95) dominate the time and scale with the surface.
+    image, truth = make_chest_phantom(shape_zyx=(20, 48, 52), spacing_zyx=(12.0, 7.2, 6.8))
+    labels = np.zeros(truth["right_lung"].shape, np.uint8)
+    labels[truth["right_lung"]] = 1
+    labels[truth["left_lung"]] = 2
+    labelmap = sitk.GetImageFromArray(labels)
+    labelmap.CopyInformation(image)
+    return labelmap
+
+
+def test_evaluate_compares_in_physical_space_whatever_the_storage(tmp_path):
+    """A reference stored in another axis order / flip, or cropped to its bounding box the way Slicer writes
+    segmentations, is the same reference: perfect agreement with the prediction it was made from."""
+    from COVIDLesionSegLib.evaluation import evaluate_files
+
+    labelmap = _truth_labelmap()
+    pred = tmp_path / "pred_labels.nii.gz"
+    sitk.WriteImage(labelmap, str(pred))
+    flipped = tmp_path / "ref_flipped.nrrd"
+    sitk.WriteImage(sitk.DICOMOrient(labelmap, "RAI"), str(flipped))
+    lungs = sitk.GetArrayFromImage(labelmap) > 0
+    zs, ys, xs = (np.flatnonzero(lungs.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    cropped_image = labelmap[int(xs[0]):int(xs[-1]) + 1, int(ys[0]):int(ys[-1]) + 1, int(zs[0]):int(zs[-1]) + 1]
+    cropped = tmp_path / "ref_cropped.nii.gz"
+    sitk.WriteImage(cropped_image, str(cropped))
+    for ref in (flipped, cropped):
+        result = evaluate_files(pred, ref)
+        assert set(result["segments"]) >= {"Right lung", "Left lung", "Lungs"}, ref
+        for name, metrics in result["segments"].items():
+            assert metrics["dsc"] == 1.0 and metrics["hd95"] == 0.0, (ref.name, name, metrics)
+
+
+def test_evaluate_refuses_a_reference_on_another_grid(tmp_path):
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.evaluation import evaluate_files
+
+    labelmap = _truth_labelmap()
+    pred = tmp_path / "pred_labels.nii.gz"
+    sitk.WriteImage(labelmap, str(pred))
+    shifted = sitk.Image(labelmap)
+    shifted.SetOrigin([o + 0.5 * s for o, s in zip(labelmap.GetOrigin(), labelmap.GetSpacing())])
+    ref = tmp_path / "ref_shifted.nii.gz"
+    sitk.WriteImage(shifted, str(ref))
+    with pytest.raises(InputError, match="grid.*resample"):
+        evaluate_files(pred, ref)
