@@ -295,3 +295,49 @@ def test_evaluate_refuses_a_reference_on_another_grid(tmp_path):
     sitk.WriteImage(shifted, str(ref))
     with pytest.raises(InputError, match="grid.*resample"):
         evaluate_files(pred, ref)
+
+
+# ------------------------------------------------- physically implausible inputs and scans without lungs
+
+@pytest.mark.parametrize("scale, unit", [(1e-3, "metres"), (0.1, "centimetres"), (1000.0, "micrometres")])
+def test_spacing_in_other_units_is_refused(scale, unit):
+    """A header whose spacing is in metres/centimetres/micrometres gives a 0.4 mm or a 400 m "chest"; every
+    volume in mL would be wrong by a factor of 1e3-1e9. Refused with the measured extent and the fix."""
+    from COVIDLesionSegLib.checks import check_ct
+    from COVIDLesionSegLib.errors import InputError
+
+    image, _ = make_chest_phantom(shape_zyx=(20, 64, 64), spacing_zyx=(8.0, 5.0, 5.0))
+    image.SetSpacing([s * scale for s in image.GetSpacing()])
+    with pytest.raises(InputError, match="extent.*spacing"):
+        check_ct(image)
+
+
+def test_unit_spacing_is_noted():
+    from COVIDLesionSegLib.checks import check_ct
+
+    image, _ = make_chest_phantom(shape_zyx=(20, 64, 64), spacing_zyx=(8.0, 5.0, 5.0))
+    image.SetSpacing((1.0, 1.0, 1.0))
+    image = sitk.Resample(image, [320, 320, 20], sitk.Transform(), sitk.sitkNearestNeighbor, image.GetOrigin(),
+                          (1.0, 1.0, 1.0))
+    _, notes = check_ct(image)
+    assert any("1 x 1 x 1 mm" in n for n in notes), notes
+
+
+def test_scan_without_lungs_fails_as_an_input_problem(tmp_path, capsys):
+    """A CT that passes the HU checks but shows no lungs (an abdomen) is the user's input problem: the batch
+    reports the reason, not an "unexpected error: ValueError" as for a bug."""
+    from COVIDLesionSegLib.cli import main
+
+    image, _ = make_chest_phantom(shape_zyx=(40, 96, 104), spacing_zyx=(6.0, 3.6, 3.4))
+    arr = sitk.GetArrayFromImage(image)
+    body = arr > -500
+    from scipy import ndimage
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    arr[filled & ~body] = 35              # lungs, airways and stomach gas become soft tissue
+    abdomen = sitk.GetImageFromArray(arr)
+    abdomen.CopyInformation(image)
+    path = tmp_path / "abdomen.nii.gz"
+    sitk.WriteImage(abdomen, str(path))
+    assert main(["segment", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no lungs found" in err and "unexpected error" not in err, err
