@@ -9,7 +9,8 @@
     covidlesionseg models list | verify | download ID | import PATH
 
 Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
-every case succeeded, 1 when any case failed, 2 for a usage error, 130 when cancelled (Ctrl-C).
+every case succeeded, 1 when any case failed, 2 for a usage error (including inputs with nothing to
+segment), 130 when cancelled (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -152,7 +153,11 @@ def cmd_segment(args, inputs=None) -> int:
     from .io import expand_inputs
 
     progress = _StderrProgress(enabled=not args.quiet)
-    inputs = [str(p) for p in expand_inputs(inputs or args.inputs)]
+    given = inputs or args.inputs
+    inputs = [str(p) for p in expand_inputs(given)]
+    if not inputs:  # as batch.py: nothing to segment is a usage error, not "0 of 0 segmented"
+        _err(f"error: no CT files or DICOM series folders found in {', '.join(str(p) for p in given)}")
+        return 2
     started = time.perf_counter()
 
     def on_error(path: str, message: str) -> None:

@@ -69,9 +69,11 @@ def _looks_like_dicom_folder(folder: Path) -> bool:
 def expand_inputs(inputs) -> list[Path]:
     """Expand command-line inputs into cases, in a stable order, without duplicates.
 
-    A DICOM series folder is one case; any other folder contributes its image files and its DICOM series
-    subfolders (one level down, so a hospital export of one folder per patient works). A missing or
-    unsupported file is kept: reading it later fails with the reason, as a failed case of the batch.
+    A DICOM series folder is one case; any other folder contributes its image files and the DICOM series
+    folders below it at any depth (hospital exports nest them as patient/study/series; hidden folders and
+    symbolic links are not followed). Image files count only in the folders given, so that a results folder
+    inside an input folder is not read back as input. A missing or unsupported file is kept: reading it
+    later fails with the reason, as a failed case of the batch.
     """
     cases = []
     for text in inputs:
@@ -80,9 +82,8 @@ def expand_inputs(inputs) -> list[Path]:
             if _looks_like_dicom_folder(path):
                 cases.append(path)
                 continue
-            children = sorted(path.iterdir())
-            cases += [p for p in children if p.is_file() and is_image_file(p)]
-            cases += [p for p in children if p.is_dir() and _looks_like_dicom_folder(p)]
+            cases += [p for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)]
+            cases += _dicom_series_folders(path)
         else:
             cases.append(path)  # a missing or unsupported file becomes a failed case with the reason
     unique, seen = [], set()
@@ -92,6 +93,17 @@ def expand_inputs(inputs) -> list[Path]:
             seen.add(key)
             unique.append(case)
     return unique
+
+
+def _dicom_series_folders(top: Path) -> list[Path]:
+    """DICOM series folders below ``top`` in sorted depth-first order; a series folder is not searched further."""
+    found = []
+    for directory, subdirs, _files in os.walk(top):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if Path(directory) != top and _looks_like_dicom_folder(Path(directory)):
+            found.append(Path(directory))
+            subdirs[:] = []
+    return found
 
 
 def unique_case_names(cases) -> list[str]:

@@ -341,3 +341,28 @@ def test_scan_without_lungs_fails_as_an_input_problem(tmp_path, capsys):
     assert main(["segment", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "no lungs found" in err and "unexpected error" not in err, err
+
+
+# ------------------------------------------------------------------ inputs that hold no case
+
+def test_segment_with_no_ct_in_the_inputs_is_an_error(tmp_path, capsys):
+    """`segment` on a folder with nothing to segment used to print "0 of 0 case(s) segmented" and exit 0."""
+    from COVIDLesionSegLib.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not a scan")
+    assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no CT files or DICOM series" in err and str(tmp_path / "in") in err
+
+
+def test_nested_hospital_export_finds_every_series_folder(tmp_path):
+    """PACS exports nest series folders in patient and study folders (export/patient/study/series). Image
+    files count only in the folders given (a results folder inside would otherwise be read back as input)."""
+    from COVIDLesionSegLib.io import expand_inputs
+
+    for patient, series in (("p1", "1.2.3.4.1001"), ("p2", "1.2.3.4.1002")):
+        _ramp_series(tmp_path / "export" / patient / "study1" / "CT", [2.5 * k for k in range(6)], series)
+    (tmp_path / "export" / "p2" / "scan.nii.gz").write_bytes(b"")
+    assert expand_inputs([str(tmp_path / "export")]) == [
+        tmp_path / "export" / "p1" / "study1" / "CT", tmp_path / "export" / "p2" / "study1" / "CT"]
