@@ -185,9 +185,7 @@ def _check_complete(p: Path, reader: sitk.ImageFileReader) -> None:
     problem = None
     try:
         if name.endswith((".nii", ".nii.gz")):
-            dims = [int(reader.GetMetaData(f"dim[{k}]")) for k in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
-            needed = int(float(reader.GetMetaData("vox_offset"))) + (
-                int(np.prod(dims, dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8)
+            needed = _nifti_bytes(reader)
             have = _inflated_length(p) if name.endswith(".gz") else p.stat().st_size
             if have < needed:
                 problem = f"truncated: it holds {have} bytes of the {needed} its header announces"
@@ -197,6 +195,16 @@ def _check_complete(p: Path, reader: sitk.ImageFileReader) -> None:
         problem = f"damaged or truncated ({exc or type(exc).__name__})"
     if problem:
         raise InputError(f"{p}: the file is {problem}; copy or export it again")
+
+
+def _nifti_bytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes a NIfTI file must hold (``vox_offset`` + every voxel of every dimension), from its header."""
+    try:
+        dims = [int(reader.GetMetaData(f"dim[{k}]")) for k in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
+        return int(float(reader.GetMetaData("vox_offset"))) + (
+            int(np.prod(dims, dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8)
+    except (RuntimeError, ValueError):
+        return 0   # the header fields are not exposed: nothing to compare with (the reader checks what it can)
 
 
 def _inflated_length(source: Path, start: int = 0, wbits: int = 31) -> int:
@@ -224,7 +232,10 @@ def _check_metaimage_stream(p: Path) -> None:
     header: dict[str, str] = {}
     offset = 0
     with open(p, "rb") as fh:
-        for raw in fh:
+        for _line in range(200):   # a MetaImage header is a few dozen "Key = value" lines; ITK has parsed it already
+            raw = fh.readline(1 << 16)
+            if not raw:
+                break
             offset += len(raw)
             key, _, value = raw.decode("latin-1").partition("=")
             header[key.strip().lower()] = value.strip()
@@ -487,6 +498,7 @@ def _onto_true_positions(image: sitk.Image, geometry: _SliceGeometry) -> sitk.Im
     along = along[keep]
     source = sitk.GetArrayViewFromImage(image)
     count = int(round((along[-1] - along[0]) / geometry.step)) + 1
+    _check_size("the series resampled onto its slice positions", tuple(image.GetSize()[:2]) + (count,))
     targets = along[0] + geometry.step * np.arange(count)
     upper = np.clip(np.searchsorted(along, targets, side="right"), 1, along.size - 1)
     lower = upper - 1
