@@ -2,13 +2,15 @@
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
+                   [--allow-slice-gaps]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
     covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
     covidlesionseg models list | verify | download ID | import PATH
 
 Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
-every case succeeded, 1 when any case failed, 2 for a usage error, 130 when cancelled (Ctrl-C).
+every case succeeded, 1 when any case failed, 2 for a usage error (including inputs with nothing to
+segment), 130 when cancelled (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
                      help="the window an 8-bit (0-255) image was made with, to map it back to HU")
+    seg.add_argument("--allow-slice-gaps", action="store_true",
+                     help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
@@ -124,7 +128,19 @@ def _options(args):
 
     return SegmentOptions(infection_model=args.model, lung_model=args.lung_model, device=args.device,
                           lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
-                          input_window=getattr(args, "input_window", None))
+                          input_window=getattr(args, "input_window", None),
+                          allow_slice_gaps=getattr(args, "allow_slice_gaps", False))
+
+
+def device_note(args) -> Optional[str]:
+    """The catalogue's note when ``args.device`` is one the chosen models (``add_model_options``) do not use;
+    this CLI and batch.py print it once, before the first case."""
+    from . import catalogue
+
+    ids = [args.lung_model or catalogue.default_model_id("lungs")]
+    if not args.lungs_only:
+        ids.append(args.model or catalogue.default_model_id("infection"))
+    return catalogue.device_note(args.device, ids)
 
 
 def _err(message: str) -> None:
@@ -137,13 +153,20 @@ def cmd_segment(args, inputs=None) -> int:
     from .io import expand_inputs
 
     progress = _StderrProgress(enabled=not args.quiet)
-    inputs = [str(p) for p in expand_inputs(inputs or args.inputs)]
+    given = inputs or args.inputs
+    inputs = [str(p) for p in expand_inputs(given)]
+    if not inputs:  # as batch.py: nothing to segment is a usage error, not "0 of 0 segmented"
+        _err(f"error: no CT files or DICOM series folders found in {', '.join(str(p) for p in given)}")
+        return 2
     started = time.perf_counter()
 
     def on_error(path: str, message: str) -> None:
         progress.close()
         _err(f"FAILED {path}: {message}")
 
+    note = device_note(args)
+    if note:
+        _err(f"note: {note}")
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
                            on_case=progress.start_case, on_error=on_error)
     progress.close()

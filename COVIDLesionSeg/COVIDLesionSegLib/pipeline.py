@@ -47,6 +47,7 @@ class SegmentOptions:
     lungs_only: bool = False
     overwrite: bool = False
     input_window: Optional[tuple[float, float]] = None
+    allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
 
 
 @dataclass
@@ -155,7 +156,7 @@ class Pipeline:
 
         start = time.perf_counter()
         _emit(on_progress, "read", 0.0, f"reading {path}")
-        image, read_notes = io.read_image(path)
+        image, read_notes = io.read_image(path, allow_slice_gaps=self.options.allow_slice_gaps)
         timings["read"] = time.perf_counter() - start
 
         start = time.perf_counter()

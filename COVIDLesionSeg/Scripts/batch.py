@@ -5,6 +5,7 @@ Runs inside Slicer::
 
     Slicer --no-splash --no-main-window --python-script batch.py --input DIR_OR_FILES... --output DIR
            [--model ID] [--lung-model ID] [--device auto|cpu|cuda] [--lungs-only] [--overwrite]
+           [--allow-slice-gaps]
 
 and under plain Python with ``pip install slicer-core`` (same options). Each input is a CT file (NIfTI,
 NRRD, MHA) or a DICOM series folder; a folder of CT files is expanded to its files and its DICOM
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
-from COVIDLesionSegLib.cli import add_model_options  # noqa: E402
+from COVIDLesionSegLib.cli import add_model_options, device_note  # noqa: E402
 from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
     add_model_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and results.csv")
+    p.add_argument("--allow-slice-gaps", action="store_true",
+                   help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
     return p
 
 
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 class SceneContext:
     """The MRML scene to work in: Slicer's own, or a standalone one (plain Python with slicer-core)."""
 
-    def __init__(self):
+    def __init__(self, allow_slice_gaps: bool = False):
+        self.allow_slice_gaps = allow_slice_gaps
         self.in_app = in_slicer_app()
         if self.in_app:
             import slicer
@@ -105,10 +109,11 @@ class SceneContext:
                 node.SetName(name)
                 return node
         # Plain Python (or a folder Slicer's DICOM plugins cannot load): the engine's series reader, which
-        # picks the largest series, orders slices along the normal and reports tilt / uneven spacing.
+        # picks the CT series with the most slices, orders slices along the normal, refuses missing slices
+        # (unless --allow-slice-gaps) and reports tilt / uneven spacing.
         from COVIDLesionSegLib.mrml import volume_node_from_image
 
-        image, notes = engine_io.read_image(folder)
+        image, notes = engine_io.read_image(folder, allow_slice_gaps=self.allow_slice_gaps)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         return volume_node_from_image(image, self.scene, name)
@@ -199,13 +204,16 @@ def run_batch(args) -> int:
     if not cases:
         print("error: no CT files or DICOM series folders found in the inputs", file=sys.stderr)
         return 2
+    note = device_note(args)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     results_csv = output / "results.csv"
     if args.overwrite and results_csv.exists():
         results_csv.unlink()
 
-    context = SceneContext()
+    context = SceneContext(allow_slice_gaps=args.allow_slice_gaps)
     logic = SegmentationLogic(context.scene)
     names = engine_io.unique_case_names(cases)
     failures = []
