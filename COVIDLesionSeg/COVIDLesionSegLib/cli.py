@@ -270,7 +270,22 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_command)
 
 
+def _join_negative_values(argv: Sequence[str], options: Sequence[str] = ("--input-window",)) -> list[str]:
+    """``--input-window -600,1500`` -> ``--input-window=-600,1500``: argparse takes a value that starts with
+    '-' for an option, yet a negative window level is the usual case (the refusal message suggests it)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in options:
+            value = next(it, None)
+            out.append(f"{arg}={value}" if value is not None else arg)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     commands = {"segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "models": cmd_models}
     try:

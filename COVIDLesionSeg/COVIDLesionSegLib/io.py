@@ -15,6 +15,7 @@ duplicate positions or uneven spacing without gaps are reported in ``CTVolume.no
 
 from __future__ import annotations
 
+import gzip
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -195,6 +196,45 @@ def _check_complete(p: Path, reader: sitk.ImageFileReader) -> None:
         problem = f"damaged or truncated ({exc or type(exc).__name__})"
     if problem:
         raise InputError(f"{p}: the file is {problem}; copy or export it again")
+    if name.endswith((".nii", ".nii.gz")):
+        bad = _nifti_nonfinite_voxels(p, reader)
+        if bad:
+            raise InputError(f"{p}: the image has {bad} NaN or infinite voxels (the NIfTI reader would turn them "
+                             "into 0 HU, which reads as tissue); it is damaged or was exported incorrectly")
+
+
+#: NIfTI datatype codes of floating-point voxels, with their numpy types.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_voxels(p: Path, reader: sitk.ImageFileReader) -> int:
+    """NaN or infinite voxels in a floating-point NIfTI file, counted on the raw data.
+
+    Why here: ITK's NIfTI reader replaces NaN by 0 (measured with SimpleITK 2.x), so the image it returns
+    looks clean and the NaN check in ``checks.check_ct`` never fires. Integer files cannot hold NaN.
+    """
+    try:
+        code = int(reader.GetMetaData("datatype"))
+        offset = int(float(reader.GetMetaData("vox_offset")))
+    except (RuntimeError, ValueError):
+        return 0
+    kind = _NIFTI_FLOAT_TYPES.get(code)
+    if kind is None:
+        return 0
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    bad = 0
+    with opener(p, "rb") as fh:
+        head = fh.read(4)
+        order = "<" if int.from_bytes(head, "little") == 348 else ">"   # sizeof_hdr tells the byte order
+        fh.read(offset - 4)
+        dtype = np.dtype(order + kind)
+        rest = b""
+        while chunk := fh.read(1 << 24):
+            chunk = rest + chunk
+            usable = len(chunk) - len(chunk) % dtype.itemsize
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype=dtype))))
+            rest = chunk[usable:]
+    return bad
 
 
 def _nifti_bytes(reader: sitk.ImageFileReader) -> int:

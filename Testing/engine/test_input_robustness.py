@@ -366,3 +366,33 @@ def test_nested_hospital_export_finds_every_series_folder(tmp_path):
     (tmp_path / "export" / "p2" / "scan.nii.gz").write_bytes(b"")
     assert expand_inputs([str(tmp_path / "export")]) == [
         tmp_path / "export" / "p1" / "study1" / "CT", tmp_path / "export" / "p2" / "study1" / "CT"]
+
+
+def test_nan_voxels_in_a_float_nifti_are_refused_not_read_as_zero(tmp_path):
+    """Issue 11 item 2: ITK's NIfTI reader turns NaN into 0 HU, which a lung reads as infection; the raw data
+    are checked. The same array as .mha was refused already (its reader keeps the NaN)."""
+    import nibabel as nib
+
+    from COVIDLesionSegLib.errors import InputError
+    from COVIDLesionSegLib.io import read_image
+
+    a = np.full((12, 24, 24), -800.0, dtype=np.float32)
+    a[3:5, 5:10, 5:10] = np.nan
+    for name in ("nan.nii.gz", "nan.nii"):
+        nib.save(nib.Nifti1Image(a.transpose(2, 1, 0), np.eye(4)), str(tmp_path / name))
+        with pytest.raises(InputError, match="50 NaN or infinite voxels"):
+            read_image(tmp_path / name)
+    clean = np.where(np.isnan(a), -700.0, a)
+    nib.save(nib.Nifti1Image(clean.transpose(2, 1, 0), np.eye(4)), str(tmp_path / "clean.nii.gz"))
+    read_image(tmp_path / "clean.nii.gz")   # a clean float file still reads
+
+
+def test_input_window_accepts_the_negative_level_as_a_separate_argument(tmp_path, capsys):
+    """Issue 11 item 11: `--input-window -600,1500` (the refusal message's own syntax) used to exit 2."""
+    from COVIDLesionSegLib.cli import _join_negative_values, build_parser
+
+    argv = _join_negative_values(["segment", "x.nii.gz", "-o", str(tmp_path), "--input-window", "-600,1500"])
+    args = build_parser().parse_args(argv)
+    assert tuple(args.input_window) == (-600.0, 1500.0)
+    same = build_parser().parse_args(["segment", "x.nii.gz", "-o", str(tmp_path), "--input-window=-600,1500"])
+    assert tuple(same.input_window) == tuple(args.input_window)
