@@ -98,9 +98,23 @@ def _free_space_text(folder: Path) -> str:
     return f" ({usage.free / 1e6:.1f} MB free)"
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.partial")
+
+
+def _display_path(path: Path) -> Path:
+    """The output a temporary or staged file stands for (the user never asked for the hidden names)."""
+    match = _TEMP_NAME.match(path.name)
+    if match:
+        path = path.with_name(match.group("name"))
+    if path.parent.name.startswith(_STAGING_PREFIX) and path.parent.name.endswith(_STAGING_SUFFIX):
+        path = path.parent.parent / path.name
+    return path
+
+
 def _write_failure(path: Path, reason: str) -> OutputWriteError:
+    shown = _display_path(path)
     return OutputWriteError(
-        f"{path}: the file could not be written completely ({reason}); the disk holding {path.parent} may be "
+        f"{shown}: the file could not be written completely ({reason}); the disk holding {shown.parent} may be "
         f"full{_free_space_text(path.parent)} or a file size limit was hit. Nothing was kept of it: free some "
         "space (or choose another output folder) and run again.")
 
@@ -156,8 +170,9 @@ def write_checked(path: Path, write_fn: Callable[[Path], Any],
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        if isinstance(exc, OSError):
-            raise _as_write_error(path, exc) from exc
+        clear = _as_write_error(path, exc) if isinstance(exc, OSError) else exc
+        if clear is not exc:
+            raise clear from exc
         raise
     return path
 
@@ -1024,9 +1039,13 @@ class CaseWriter:
     def __enter__(self) -> "CaseWriter":
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.staging = self.outdir / f"{_STAGING_PREFIX}{self.name}-{os.getpid()}-{secrets.token_hex(4)}{_STAGING_SUFFIX}"
-        self.staging.mkdir()
-        self._owner = open(self.staging / _OWNER_FILE, "wb")
-        _try_lock(self._owner, blocking=True)
+        try:
+            self.staging.mkdir()
+            self._owner = open(self.staging / _OWNER_FILE, "wb")
+            _try_lock(self._owner, blocking=True)
+        except BaseException:  # e.g. Ctrl-C right here: __exit__ would not run
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -470,3 +470,27 @@ def test_results_csv_header_mismatch_is_refused(tmp_path):
     with pytest.raises(ResultsHeaderMismatchError, match="different order"):
         update_results_row(custom, {"a": 1}, columns=["b", "a"])
     assert custom.read_text().splitlines() == ["a,b", "1,2"]
+
+
+def test_read_back_checks_catch_truncated_and_altered_files(tmp_path):
+    """What the writers check before a rename: a cut or changed file (as a full disk leaves it) is refused."""
+    geometry = oblique_geometry()
+    masks = known_masks(geometry)
+    labels = compose_labelmap(*masks.values())
+    nifti = write_labelmap(tmp_path / "case_labels.nii.gz", labels, geometry)
+    segmentation = write_segmentation_nrrd(tmp_path / "case.seg.nrrd", masks, geometry)
+    outputs.verify_nifti(nifti, labels)
+    outputs.verify_nrrd(segmentation)
+    data = nifti.read_bytes()
+    nifti.write_bytes(data[: len(data) // 2])
+    with pytest.raises(outputs.OutputWriteError, match="ends early"):
+        outputs.verify_nifti(nifti, labels)
+    altered = labels.copy()
+    altered[0, 0, 0] = 3 - altered[0, 0, 0]
+    nifti.write_bytes(data)
+    with pytest.raises(outputs.OutputWriteError, match="differ"):
+        outputs.verify_nifti(nifti, altered)
+    seg = segmentation.read_bytes()
+    segmentation.write_bytes(seg[: len(seg) - 40])
+    with pytest.raises(outputs.OutputWriteError, match="could not be written completely"):
+        outputs.verify_nrrd(segmentation)
