@@ -167,11 +167,21 @@ def cmd_segment(args, inputs=None) -> int:
     note = device_note(args)
     if note:
         _err(f"note: {note}")
+
+    def on_notes(path: str, notes: list[str]) -> None:
+        # The notes that change how a case's numbers read are printed, not only kept in its JSON and CSV row.
+        progress.close()
+        for note in notes:
+            _err(f"note: {Path(path).name}: {note}")
+
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
-                           on_case=progress.start_case, on_error=on_error)
+                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes)
     progress.close()
     elapsed = time.perf_counter() - started
-    print(f"{len(report.succeeded)} of {len(inputs)} case(s) segmented in {elapsed:.1f} s; outputs in {args.output}")
+    total = len(report.succeeded) + len(report.failed)
+    if report.skipped:
+        _err(f"skipped {len(report.skipped)} input(s) that are this tool's outputs in {args.output}")
+    print(f"{len(report.succeeded)} of {total} case(s) segmented in {elapsed:.1f} s; outputs in {args.output}")
     if report.failed:
         _err(f"{len(report.failed)} case(s) failed:")
         for path, message in report.failed:
