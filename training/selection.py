@@ -42,7 +42,8 @@ from training.config import shared_data_dir
 
 SHARED = shared_data_dir()
 #: The post-processing settings tried on the validation data.
-GRID = {"min_component_ml": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0), "min_hu": (None, -850.0, -800.0, -750.0)}
+GRID = {"min_component_ml": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0), "min_hu": (None, -850.0, -800.0, -750.0),
+        "min_rise_hu": (None, 50.0, 100.0, 150.0)}
 
 
 @dataclass
@@ -126,7 +127,7 @@ def external_check(model, rule: InfectionPostprocess, labels_csv: Path, p001: Sc
     out: dict[str, Any] = {}
     for s in (p001, normal):
         (m,), _ = raw_masks(model, [s])
-        m = rule.apply(m, s.volume.hu, s.volume.spacing_zyx)
+        m = rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs)
         if s is p001:
             labels = read_slice_labels(labels_csv, "covidctmd_p001_ct")
             area = s.in_file_order(m).reshape(len(m), -1).sum(axis=1)[labels["z"]]
@@ -165,8 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = grid_settings() if isinstance(model, NetworkInfectionModel) else [InfectionPostprocess()]
         rows = []
         for rule in settings:
-            kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx) for m, s in zip(masks, scans)]
-            kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx)
+            kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs) for m, s in zip(masks, scans)]
+            kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx, host.lungs)
             rows.append({"postprocess": rule.to_spec(), **validation_scores(kept, scans, host, kept_host)})
         best = choose(rows)
         entry: dict[str, Any] = {"seconds_per_scan": round(seconds, 2), "chosen": best, "sweep": rows,

@@ -320,7 +320,8 @@ class NetworkInfectionModel(NetworkModel):
         if not self.postprocess.is_identity:
             # The checkpoint's post-processing (postprocess.py) decides which thresholded voxels stay; the
             # others get probability 0, so the pipeline's threshold gives exactly the kept mask.
-            kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx)
+            kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx,
+                                          lungs)
             probs[~kept & (probs >= self.threshold)] = 0.0
         return probs
 
