@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--half", action="store_true", help="store weights as float16")
     e.add_argument("--which", choices=("best", "last"), default="best")
     e.add_argument("--model-id", default=None)
+    e.add_argument("--postprocess", default=None, metavar="JSON",
+                   help='infection post-processing to store, e.g. \'{"min_component_ml": 1.0, "min_rise_hu": 150}\' '
+                        "(chosen with python -m training.selection)")
 
     # Listed for the help text; main() hands its arguments to training.synthesis.main.
     sub.add_parser("synthesize", add_help=False,
@@ -146,7 +149,11 @@ def cmd_table(args) -> int:
 def cmd_export(args) -> int:
     from training.export import export_run
 
-    path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id)
+    import json
+
+    postprocess = json.loads(args.postprocess) if args.postprocess else None
+    path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id,
+                           postprocess=postprocess)
     print(f"wrote {path} (sha256 {sha})", flush=True)
     return EXIT_OK
 
