@@ -74,7 +74,13 @@ def test_ctrl_c_between_two_files_leaves_nothing_and_the_rerun_completes(tmp_pat
         os.kill(os.getpid(), signal.SIGINT)          # a real Ctrl-C right after one file is on disk
 
     monkeypatch.setattr(sitk, "WriteImage", write_then_ctrl_c)
-    assert main(["segment", str(ct), "-o", str(out), "--quiet"]) == 130
+    # An interactive CLI has Python's Ctrl-C handler; earlier tests in the same pytest process can leave
+    # SIGINT ignored (seen in the full engine run), which would make this Ctrl-C a no-op.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["segment", str(ct), "-o", str(out), "--quiet"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(sitk, "WriteImage", real_write)
     assert case_files(out, "chest") == []
     assert not [p for p in out.iterdir() if p.name.startswith(".covidlesionseg-")]
