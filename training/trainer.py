@@ -158,7 +158,8 @@ def load_cases(spec: Mapping[str, Any], where: str = "data") -> list[ds.Case]:
 
 def make_split(config: Mapping[str, Any], cases: Sequence[ds.Case]) -> sp.Split:
     """The split of ``protocol`` (fold ``protocol.fold``), with ``val_fraction`` of the training groups
-    moved to validation when set. Checked group-disjoint."""
+    moved to validation when set. Checked disjoint at the protocol's level (``splits.protocol_groups``:
+    patients, or volumes for the benchmark's published folds)."""
     folds = protocol_folds(config, cases)
     p = config["protocol"]
     k = int(p["fold"])
@@ -169,7 +170,7 @@ def make_split(config: Mapping[str, Any], cases: Sequence[ds.Case]) -> sp.Split:
         split = sp.with_validation(split, cases, float(p["val_fraction"]), seed=int(p["seed"]))
     if not split.train:
         raise ConfigError(f"protocol {p['name']!r} fold {k} has no training cases")
-    sp.assert_disjoint(split, cases)
+    sp.assert_disjoint(split, sp.protocol_groups(split, cases))
     return split
 
 
@@ -532,7 +533,7 @@ class Trainer:
         cases = self.cases_of("data")
         if self.resume and self.run.split.exists():
             self.split = sp.Split.from_dict(read_json(self.run.split))
-            sp.assert_disjoint(self.split, cases)
+            sp.assert_disjoint(self.split, sp.protocol_groups(self.split, cases))
         else:
             self.split = make_split(self.config, cases)
         if self.resume and self.run.preprocessing.exists():
