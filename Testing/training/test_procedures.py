@@ -191,6 +191,45 @@ def test_continual_learning_continues_the_poly_curve(tmp_path, pretrain_run):
     assert summary["status"] == "completed" and all(math.isfinite(r["train_loss"]) for r in log)
 
 
+def _pretraining_folder(folder: Path, pretrain_run: Path, best_epoch: int, last_epoch: int,
+                        schedule_epochs: int | None, epochs: int) -> Path:
+    """A pre-training run folder whose best validation epoch is ``best_epoch`` and whose last is
+    ``last_epoch`` (the real run's weights and config, with those epochs)."""
+    from training.runs import save_training_state
+
+    state = load_training_state(pretrain_run / "best.pt")
+    cfg = dict(state["config"])
+    cfg["procedure"] = {**cfg["procedure"], "schedule_epochs": schedule_epochs}
+    cfg["train"] = {**cfg["train"], "epochs": epochs}
+    folder.mkdir(parents=True)
+    for name, epoch in (("best.pt", best_epoch), ("last.pt", last_epoch)):
+        save_training_state(folder / name, {"config": cfg, "epoch": epoch, "model": state["model"]})
+    return folder
+
+
+def test_continual_lr_starts_at_the_last_pretraining_epoch_and_stays_positive(tmp_path, pretrain_run):
+    """Best epoch 1 of a 3-epoch pre-training on a 6-epoch curve, 3 COVID-19 epochs: the COVID phase starts at
+    epoch 3 of the curve (where pre-training stopped, not at the best epoch) and its lr is > 0 to the end."""
+    pre = _pretraining_folder(tmp_path / "pre", pretrain_run, best_epoch=1, last_epoch=3, schedule_epochs=6, epochs=3)
+    raw = transfer_config(pre, "continual")
+    raw["train"] = {**raw["train"], "epochs": 3}
+    trainer = make_trainer(raw, tmp_path / "c")
+    trainer.fit()
+    lrs = [r["lr"] for r in RunDir(tmp_path / "c").read_log()]
+    assert lrs == pytest.approx([LR0 * (1 - (3 + e) / 6) ** 0.9 for e in range(3)])
+    assert all(lr > 0 for lr in lrs)
+
+
+def test_continual_refuses_a_curve_too_short_instead_of_stretching_it(tmp_path, pretrain_run):
+    """Best = last = the pre-training's whole 2-epoch curve: no room left on it. Continual Learning must say so
+    (not silently make the curve 2 + train.epochs long); an explicit horizon_epochs is honoured."""
+    pre = _pretraining_folder(tmp_path / "pre", pretrain_run, best_epoch=2, last_epoch=2, schedule_epochs=None, epochs=2)
+    with pytest.raises(ProcedureError, match="schedule_epochs = 4"):
+        make_trainer(transfer_config(pre, "continual"), tmp_path / "c")
+    trainer = make_trainer(transfer_config(pre, "continual", horizon_epochs=4), tmp_path / "c2")
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR0 * (1 - 2 / 4) ** 0.9)
+
+
 def test_body_finetune_loads_everything_and_restarts_schedule(tmp_path, pretrain_run):
     trainer = make_trainer(transfer_config(pretrain_run, "body_finetune", head_task=1), tmp_path / "b")
     pre, own = pretrained_sd(pretrain_run), trainer.model.state_dict()
