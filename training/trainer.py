@@ -377,25 +377,55 @@ class Trainer:
         """nnU-Net fingerprint of the training cases: ``target_spacing: auto`` -> median spacing
         (:func:`training.transforms.nnunet_target_spacing`), ``intensity: fit`` (or absent) -> CT z-score
         of the training foreground (:func:`training.transforms.fit_zscore`). Stored in preprocessing.json
-        (and reused when resuming)."""
+        (and reused when resuming).
+
+        Transfer runs (``model.init`` a training run, ``model.init_preprocessing`` true) take ``auto`` /
+        ``fit`` values from the pre-training run instead of fitting their own: the frozen or transferred
+        encoder (Lesion Representations, the Adapted-encoders, collaborative G) then sees inputs resampled
+        and normalised exactly as in its training. ``data`` reuses the pre-training's ``data`` (its task 0);
+        an ``aux_data.<name>`` reuses the pre-training's set of the same name when it has one. Explicit
+        values in ``transform_args`` always win."""
         if key in self.preprocessing:
             return self.preprocessing[key]
         args = dict(spec["transform_args"])
         out: dict[str, Any] = {}
-        train_cases = self.subset_cases(key, "train" if key == "data" else "all")
+        inherited = self._init_preprocessing().get(key) or {}
         ts = args.get("target_spacing", "auto")
-        if ts == "auto":
+        intensity = args.get("intensity", "fit")
+        if (ts == "auto" and inherited.get("target_spacing") is not None) or (intensity == "fit" and inherited.get("intensity")):
+            self.note(f"{key}: preprocessing from model.init's run ({', '.join(k for k in ('target_spacing', 'intensity') if inherited.get(k) is not None)})")
+        train_cases = None
+        if ts == "auto" and inherited.get("target_spacing") is not None:
+            out["target_spacing"] = [float(v) for v in inherited["target_spacing"]]
+        elif ts == "auto":
+            train_cases = self.subset_cases(key, "train" if key == "data" else "all")
             out["target_spacing"] = list(tf.nnunet_target_spacing([tf.case_spacing(c) for c in train_cases]))
         else:
             out["target_spacing"] = None if ts is None else [float(s) for s in ts]
-        intensity = args.get("intensity", "fit")
-        if intensity == "fit":
+        if intensity == "fit" and inherited.get("intensity"):
+            out["intensity"] = inherited["intensity"]
+        elif intensity == "fit":
+            train_cases = train_cases or self.subset_cases(key, "train" if key == "data" else "all")
             loaded = [ds.load_case(c, [spec["target"]]) for c in train_cases]
             out["intensity"] = tf.fit_zscore(loaded, spec["target"], seed=int(self.config["seed"]))
         else:
             out["intensity"] = intensity
         self.preprocessing[key] = out
         return out
+
+    def _init_preprocessing(self) -> dict[str, Any]:
+        """``preprocessing`` of the ``model.init`` training checkpoint (``{}`` for engine checkpoints, no init,
+        or ``model.init_preprocessing: false``)."""
+        init = self.config["model"].get("init")
+        if not init or not self.config["model"].get("init_preprocessing", True):
+            return {}
+        from training.procedures import open_weights_file
+        from training.runs import TRAINING_FORMAT
+
+        _, head = open_weights_file(init)
+        if not isinstance(head, Mapping) or head.get("format") != TRAINING_FORMAT:
+            return {}
+        return dict(head.get("preprocessing") or {})
 
     def _pipeline(self, key: str, train: bool):
         spec = self.spec(key)

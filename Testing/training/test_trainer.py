@@ -353,3 +353,39 @@ def test_custom_procedure_two_batches_frozen_params_and_state(tmp_path):
     assert "train_seg" in log[0] and "train_aux" in log[0]
     state = load_training_state(tmp_path / "run" / "last.pt")
     assert state["procedure"] == {"steps_seen": 4}
+
+
+def test_transfer_runs_reuse_the_pretraining_preprocessing(tmp_path):
+    """A transfer run from a pre-training run resamples and normalises as that run did (its frozen encoder saw
+    those inputs), instead of fitting its own spacing and z-score; ``init_preprocessing: false`` fits anew."""
+    from COVIDLesionSegLib.models import build
+    from training.runs import save_training_state
+
+    ids = write_covid19ctseg_layout(tmp_path / "data")
+    own = Trainer(config_3d(tmp_path / "data", ids), tmp_path / "own", device="cpu", progress=False, log=lambda m: None)
+    own.setup()
+    fitted = own.preprocessing["data"]
+    pre_prep = {"target_spacing": [3.0, 1.25, 1.25],
+                "intensity": {**fitted["intensity"], "mean": fitted["intensity"]["mean"] + 300.0}}
+    pre_cfg = config_3d(tmp_path / "data", ids)
+    model = build({"arch": "nnunet", "args": dict(pre_cfg["model"]["args"])})
+    save_training_state(tmp_path / "pre" / "best.pt", {"config": pre_cfg, "epoch": 2, "model": model.state_dict(),
+                                                       "preprocessing": {"data": pre_prep}})
+    cfg = config_3d(tmp_path / "data", ids, procedure={"name": "lesion_representations"},
+                    model={**pre_cfg["model"], "init": str(tmp_path / "pre")})
+    transfer = Trainer(cfg, tmp_path / "transfer", device="cpu", progress=False, log=lambda m: None)
+    transfer.setup()
+    assert transfer.preprocessing["data"] == pre_prep
+    assert read_json(tmp_path / "transfer" / "preprocessing.json")["data"] == pre_prep
+    item = transfer.dataset("data", "test", train_transforms=False)[0]   # evaluation normalises the same way
+    raw = transfer.subset_cases("data", "test")[0]
+    from training.datasets import load_case
+    hu = load_case(raw, ["infection"])["image"]
+    expected = (np.clip(hu, pre_prep["intensity"]["lower"], pre_prep["intensity"]["upper"])
+                - pre_prep["intensity"]["mean"]) / pre_prep["intensity"]["std"]
+    np.testing.assert_allclose(np.asarray(item["image"]), expected, rtol=1e-4, atol=1e-4)
+    cfg_off = config_3d(tmp_path / "data", ids, procedure={"name": "lesion_representations"},
+                        model={**pre_cfg["model"], "init": str(tmp_path / "pre"), "init_preprocessing": False})
+    fresh = Trainer(cfg_off, tmp_path / "fresh", device="cpu", progress=False, log=lambda m: None)
+    fresh.setup()
+    assert fresh.preprocessing["data"] == fitted
