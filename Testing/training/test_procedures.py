@@ -322,6 +322,29 @@ def test_collaborative_general_encoder_learns_only_from_the_relation_loss(tmp_pa
     assert changed(g0, snapshot(trainer.model.general_encoder))
 
 
+def test_collaborative_full_scale_relation_loss_is_bounded_against_the_segmentation_loss(monkeypatch):
+    """The full-scale config scales eqs. 4-5 per channel: at 002's C = 320, L_T stays within -4 lambda_T (the
+    summed norm reaches far beyond the segmentation loss, where the project's run collapsed)."""
+    from COVIDLesionSegLib.models.relation import relation_matrix, target_relation_loss
+
+    for var in ("COVID19CTSEG", "MSD_LUNG", "STRUCTSEG", "NSCLC_EFFUSION", "PRETRAINED"):
+        monkeypatch.setenv(var, "/nonexistent")
+    cfg = load_config("collaborative_nnunet3d")
+    opts = cfg["procedure"]
+    assert opts["reduction"] == "channel"
+    from training.procedures.collaborative import relation_scale
+
+    torch.manual_seed(0)
+    c = 320
+    r_g = relation_matrix(torch.randn(2, c, 4, 5, 6))
+    r_t = relation_matrix(-torch.randn(2, c, 4, 5, 6) ** 2)      # far apart: what maximising L_T drives to
+    reduction, per = relation_scale(opts["reduction"], c)
+    l_t = float(target_relation_loss(r_g, r_t, opts["lambda_t"] * per, reduction))
+    summed = float(target_relation_loss(r_g, r_t, opts["lambda_t"], "sum"))
+    assert -4 * opts["lambda_t"] <= l_t < 0
+    assert summed < -4 * c * opts["lambda_t"] * 0.05 and summed == pytest.approx(l_t * c, rel=1e-5)
+
+
 def test_collaborative_ramp_up(tmp_path, pretrain_run):
     trainer = make_trainer(collab_config(pretrain_run, lambda_g=1.0, lambda_t=0.1, rampup_epochs=4.0), tmp_path / "r")
     lg0, lt0 = trainer.procedure.weights_at(0.0)
