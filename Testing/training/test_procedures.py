@@ -177,18 +177,13 @@ def pretrained_sd(pretrain_run: Path) -> dict:
     return load_training_state(pretrain_run / "best.pt")["model"]
 
 
-def test_continual_learning_continues_the_poly_curve(tmp_path, pretrain_run):
+def test_continual_learning_starts_from_all_pretrained_weights(tmp_path, pretrain_run):
     trainer = make_trainer(transfer_config(pretrain_run, "continual"), tmp_path / "c")
     pre = pretrained_sd(pretrain_run)
     own = trainer.model.state_dict()
     assert torch.equal(own["encoder.stages.0.conv1.conv.weight"], pre["encoder.stages.0.conv1.conv.weight"])
-    # COVID epoch 0 starts where pre-training stopped on the same curve (epoch PRE_EPOCHS of PRE_HORIZON)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR0 * (1 - PRE_EPOCHS / PRE_HORIZON) ** 0.9)
-    summary = trainer.fit()
-    log = RunDir(tmp_path / "c").read_log()
-    assert [r["lr"] for r in log] == pytest.approx(
-        [LR0 * (1 - (PRE_EPOCHS + e) / PRE_HORIZON) ** 0.9 for e in range(len(log))])
-    assert summary["status"] == "completed" and all(math.isfinite(r["train_loss"]) for r in log)
+    # the schedule: test_continual_lr_starts_at_the_last_pretraining_epoch_and_stays_positive, on a
+    # pre-training whose best epoch differs from its last (here they are equal, which cannot tell them apart)
 
 
 def _pretraining_folder(folder: Path, pretrain_run: Path, best_epoch: int, last_epoch: int,

@@ -82,8 +82,11 @@ def test_covid19ctseg_published_folds():
     for f in folds:
         assert len(f.train) == 4 and len(f.test) == 16
         assert sorted(i.split("_")[0] for i in f.train) == ["coronacases"] * 2 + ["radiopaedia"] * 2
-    # the published split is volume-disjoint but not patient-disjoint in folds 2 and 4: flagged
-    assert [bool(f.notes) for f in folds] == [False, False, True, False, True]
+    # the published split is volume-disjoint but not patient-disjoint in folds 2 and 4: each such fold (found
+    # from the patients, not from the fold numbers) is flagged and marked for volume-level checks
+    leaks = [bool({group_of(i) for i in f.train} & {group_of(i) for i in f.test}) for f in folds]
+    assert leaks == [bool(f.notes) for f in folds] and sum(leaks) == 2
+    assert all(f.meta["disjoint"] == "case" for f in folds)
     assert_disjoint(folds[0], cases)
     with pytest.raises(AssertionError, match="radiopaedia_10"):
         assert_disjoint(folds[2], cases)
