@@ -132,3 +132,13 @@ def test_reviewer_table_gives_spread_intervals_paired_tests_and_the_papers_numbe
     hybrid = next(line for line in lines if line.startswith("| hybrid"))
     assert "0.704" in hybrid and "+0.0" in hybrid and "| 16 |" in hybrid
     assert next(line for line in lines if line.startswith("| noise")).rstrip().endswith("| - |")
+
+
+def test_protocol_2d_reviewer_markdown(tmp_path):
+    from training.protocol_2d import reviewer_markdown
+
+    _fake_runs(tmp_path, "protocol2d_scratch_cpu", lambda k, c: 0.5 + 0.01 * c)
+    _fake_runs(tmp_path, "protocol2d_hybrid_encoder_cpu", lambda k, c: 0.55 + 0.01 * c)
+    md = reviewer_markdown(tmp_path, metrics=("dsc",))
+    row = next(line for line in md.splitlines() if line.startswith("| hybrid_encoder"))
+    assert "+0.0500" in row and "0.704" in row       # the paired difference and 000's reported DSC
