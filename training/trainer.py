@@ -371,13 +371,20 @@ class Trainer:
         if not spec["slice"]:
             return [c.to_dict() for c in cases]
         targets = [spec["target"]] + list(spec["extra_targets"])
+        # labels the pipeline itself reads (004's lesion B input mask, nCoVSegNet's 2D lung crop) are cut too
+        args = spec["transform_args"]
+        wanted = [args.get("mask_input_with")]
+        if spec["transforms"] == "ncovsegnet" and args.get("crop_lungs", True):
+            wanted.append(args.get("lung_key", "lung"))
+        pipeline_labels = [t for t in wanted if t and t not in targets]
         # nCoVSegNet (003) crops each volume to the box of an unsupervised lung mask before cutting slices; the
         # engine's HU lung masking stands in for that mask (lung_key=None forces it even if a lung label exists).
-        crop = tf.CropToLungBoxd(["image"] + targets, lung_key=None) if spec["crop_lungs"] else None
+        crop = tf.CropToLungBoxd(["image"] + targets + pipeline_labels, lung_key=None) if spec["crop_lungs"] else None
         positive = spec["slice_positive"] if train else None
         items = []
         for c in cases:
-            loaded = ds.load_case(c, targets)
+            keys = targets + [t for t in pipeline_labels if t in c.labels]
+            loaded = ds.load_case(c, keys)
             full_shape = tuple(np.asarray(loaded["image"]).shape[2:])
             box = None
             if crop is not None:
@@ -387,8 +394,8 @@ class Trainer:
                     loaded = cropped
                 else:   # evaluation: every slice of the volume, each cropped in-plane to the 3D lung box
                     (y0, y1), (x0, x1) = box[1], box[2]
-                    loaded = {**loaded, **{k: np.asarray(loaded[k])[:, :, y0:y1, x0:x1] for k in ["image"] + targets}}
-            sliced = ds.slice_items(loaded, keys=["image"] + targets, require_positive=positive)
+                    loaded = {**loaded, **{k: np.asarray(loaded[k])[:, :, y0:y1, x0:x1] for k in ["image"] + keys}}
+            sliced = ds.slice_items(loaded, keys=["image"] + keys, require_positive=positive)
             if not train:
                 for it in sliced:
                     self._geometry[(key, str(it["id"]))] = {
