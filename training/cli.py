@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--half", action="store_true", help="store weights as float16")
     e.add_argument("--which", choices=("best", "last"), default="best")
     e.add_argument("--model-id", default=None)
+    e.add_argument("--postprocess", default=None, metavar="JSON",
+                   help='infection post-processing to store, e.g. \'{"min_component_ml": 1.0, "min_rise_hu": 150}\' '
+                        "(chosen with python -m training.selection)")
+
+    # Listed for the help text; main() hands its arguments to training.synthesis.main.
+    sub.add_parser("synthesize", add_help=False,
+                   help="insert synthetic COVID-19-like lesions into a real HU scan (scan + exact mask)")
 
     d = sub.add_parser("dryrun", help="run full-scale configs through all their stages at tiny size on the CPU "
                        "(training/dryrun.py)")
@@ -152,7 +159,11 @@ def cmd_table(args) -> int:
 def cmd_export(args) -> int:
     from training.export import export_run
 
-    path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id)
+    import json
+
+    postprocess = json.loads(args.postprocess) if args.postprocess else None
+    path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id,
+                           postprocess=postprocess)
     print(f"wrote {path} (sha256 {sha})", flush=True)
     return EXIT_OK
 
@@ -196,6 +207,12 @@ def cmd_configs(args) -> int:
     return EXIT_OK
 
 
+def cmd_synthesize(rest: Sequence[str]) -> int:
+    from training.synthesis import main as synthesize_main
+
+    return synthesize_main(rest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from COVIDLesionSegLib.errors import InputError
     from training.config import ConfigError
@@ -203,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.runs import RunError
     from training.trainer import TrainingError, TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synthesize"]:   # argparse would keep "--help" for itself; the synthesiser parses its own
+        return cmd_synthesize(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "cv": cmd_cv, "table": cmd_table, "export": cmd_export,
                 "procedures": cmd_procedures, "configs": cmd_configs, "dryrun": cmd_dryrun}

@@ -75,8 +75,12 @@ def _input_spec(config: Mapping[str, Any], preprocessing: Mapping[str, Any], sta
 
 
 def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
-               which: str = "best", model_id: str | None = None) -> tuple[Path, str]:
+               which: str = "best", model_id: str | None = None,
+               postprocess: dict | None = None) -> tuple[Path, str]:
     """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
+
+    ``postprocess``: the infection post-processing chosen after training (``python -m training.selection``)
+    to store as ``output.postprocess``; it overrides the run config's ``export.output.postprocess``.
 
     Raises:
         RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
@@ -108,6 +112,8 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
     if out_channels > 1:
         output_spec["foreground_channel"] = 1
     output_spec.update(dict(ex["output"]))
+    if postprocess is not None:
+        output_spec["postprocess"] = dict(postprocess)
     fold = int(config["protocol"]["fold"])
     provenance = {
         "data": {"reader": config["data"]["reader"], "target": config["data"]["target"],

@@ -148,6 +148,23 @@ def load_model(model_id: str, task: str, device: str = "auto"):
     return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256)
 
 
+def device_note(device: str, model_ids) -> str | None:
+    """A note for the user when ``device`` asks for the GPU but some of ``model_ids`` never use it.
+
+    The built-in models are Hounsfield-unit methods (NumPy/SciPy/SimpleITK) without a network: they run on
+    the CPU whatever the device, so ``--device cuda`` with them (the defaults) silently did nothing.
+    """
+    if not str(device).startswith("cuda"):
+        return None
+    cpu_only = [m for m in model_ids if get_entry(m).source == "built-in"]
+    if not cpu_only:
+        return None
+    names = " and ".join(cpu_only)
+    return (f"--device cuda: {names} {'is a method' if len(cpu_only) == 1 else 'are methods'} without a neural "
+            "network and always run on the CPU; only network models use the GPU (see `covidlesionseg models "
+            "list`, then --model ID / --lung-model ID)")
+
+
 def verify_models() -> list[tuple[ModelEntry, str]]:
     """Check every local model file against its sha256. Returns (entry, status) with status "ok",
     "missing", "not downloaded" or "MISMATCH ..."."""

@@ -20,6 +20,10 @@ MIN_IN_PLANE = 64        # voxels; smaller images are thumbnails, not diagnostic
 MIN_SLICES = 5           # a CT volume needs several slices for 3D lung masking
 AIR_HU = -500            # anything below is air or lung in HU
 MIN_AIR_SHARE = 0.02     # a chest CT has lungs and air around the body: at least 2 % of voxels below -500 HU
+# Physical size of the image's longest side. A human chest CT spans 150-500 mm in-plane and up to ~2 m for a
+# whole-body scan; a side below 50 mm or above 2.5 m means a spacing in other units (cm, m, um) or missing.
+MIN_EXTENT_MM = 50.0
+MAX_EXTENT_MM = 2500.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,16 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
         )
     if min(image.GetSpacing()) <= 0:
         raise InputError(f"the voxel spacing {image.GetSpacing()} is not positive; the file's header is broken")
+    extent = [n * s for n, s in zip(size, image.GetSpacing())]
+    if not MIN_EXTENT_MM <= max(extent) <= MAX_EXTENT_MM:
+        raise InputError(
+            f"the image's physical extent is {' x '.join(f'{e:.3g}' for e in extent)} mm (size {tuple(size)} x "
+            f"spacing {tuple(float(f'{s:.4g}') for s in image.GetSpacing())} mm), impossible for a chest CT: the "
+            "voxel spacing in the header is missing or in other units (cm, m, um). Export the scan again from "
+            "the DICOM, or fix the spacing (e.g. Slicer's Volumes module, Volume Information)")
+    if np.allclose(image.GetSpacing(), 1.0, rtol=0, atol=1e-9):
+        notes.append("the voxel spacing is exactly 1 x 1 x 1 mm, the value of files saved without a spacing; if "
+                     "the scan's real spacing differs, every volume in mL is wrong: check the file's header")
 
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):

@@ -2,13 +2,15 @@
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
+                   [--allow-slice-gaps]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
     covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
     covidlesionseg models list | verify | download ID | import PATH
 
 Results go to files and a short summary to stdout; progress and errors go to stderr. Exit status: 0 when
-every case succeeded, 1 when any case failed, 2 for a usage error, 130 when cancelled (Ctrl-C).
+every case succeeded, 1 when any case failed, 2 for a usage error (including inputs with nothing to
+segment), 130 when cancelled (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
                      help="the window an 8-bit (0-255) image was made with, to map it back to HU")
+    seg.add_argument("--allow-slice-gaps", action="store_true",
+                     help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
@@ -124,7 +128,19 @@ def _options(args):
 
     return SegmentOptions(infection_model=args.model, lung_model=args.lung_model, device=args.device,
                           lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
-                          input_window=getattr(args, "input_window", None))
+                          input_window=getattr(args, "input_window", None),
+                          allow_slice_gaps=getattr(args, "allow_slice_gaps", False))
+
+
+def device_note(args) -> Optional[str]:
+    """The catalogue's note when ``args.device`` is one the chosen models (``add_model_options``) do not use;
+    this CLI and batch.py print it once, before the first case."""
+    from . import catalogue
+
+    ids = [args.lung_model or catalogue.default_model_id("lungs")]
+    if not args.lungs_only:
+        ids.append(args.model or catalogue.default_model_id("infection"))
+    return catalogue.device_note(args.device, ids)
 
 
 def _err(message: str) -> None:
@@ -137,18 +153,35 @@ def cmd_segment(args, inputs=None) -> int:
     from .io import expand_inputs
 
     progress = _StderrProgress(enabled=not args.quiet)
-    inputs = [str(p) for p in expand_inputs(inputs or args.inputs)]
+    given = inputs or args.inputs
+    inputs = [str(p) for p in expand_inputs(given)]
+    if not inputs:  # as batch.py: nothing to segment is a usage error, not "0 of 0 segmented"
+        _err(f"error: no CT files or DICOM series folders found in {', '.join(str(p) for p in given)}")
+        return 2
     started = time.perf_counter()
 
     def on_error(path: str, message: str) -> None:
         progress.close()
         _err(f"FAILED {path}: {message}")
 
+    note = device_note(args)
+    if note:
+        _err(f"note: {note}")
+
+    def on_notes(path: str, notes: list[str]) -> None:
+        # The notes that change how a case's numbers read are printed, not only kept in its JSON and CSV row.
+        progress.close()
+        for note in notes:
+            _err(f"note: {Path(path).name}: {note}")
+
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
-                           on_case=progress.start_case, on_error=on_error)
+                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes)
     progress.close()
     elapsed = time.perf_counter() - started
-    print(f"{len(report.succeeded)} of {len(inputs)} case(s) segmented in {elapsed:.1f} s; outputs in {args.output}")
+    total = len(report.succeeded) + len(report.failed)
+    if report.skipped:
+        _err(f"skipped {len(report.skipped)} input(s) that are this tool's outputs in {args.output}")
+    print(f"{len(report.succeeded)} of {total} case(s) segmented in {elapsed:.1f} s; outputs in {args.output}")
     if report.failed:
         _err(f"{len(report.failed)} case(s) failed:")
         for path, message in report.failed:
@@ -247,7 +280,22 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_command)
 
 
+def _join_negative_values(argv: Sequence[str], options: Sequence[str] = ("--input-window",)) -> list[str]:
+    """``--input-window -600,1500`` -> ``--input-window=-600,1500``: argparse takes a value that starts with
+    '-' for an option, yet a negative window level is the usual case (the refusal message suggests it)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in options:
+            value = next(it, None)
+            out.append(f"{arg}={value}" if value is not None else arg)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     commands = {"segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "models": cmd_models}
     try:

@@ -10,6 +10,10 @@ infection mask, the usual form of public COVID-19 ground truth). From a labelmap
 - "Right lung" / "Left lung": labels 1 / 2, only when no infection label is present (in a single labelmap the
   infection label hides which lung an infected voxel belongs to).
 
+Files are compared in physical space (:func:`evaluate_files`): a reference stored in another axis order or
+flip, or cropped to its segments' bounding box (as Slicer saves segmentations), is placed voxel for voxel on
+the other file's grid; files whose voxels do not coincide are refused rather than compared index by index.
+
 Per-slice labels (:func:`read_slice_labels`, :func:`evaluate_slice_labels`) are a CSV in COVID-CT-MD's form:
 one row per axial slice with ``file``, ``z_index`` (index along the file's third axis, 0 = most inferior),
 ``infected`` (0/1) and optionally per-lobe flags ``LLL LUL RLL RML RUL``. A slice counts as predicted infected
@@ -28,12 +32,19 @@ from .errors import InputError
 from .io import case_name
 from .metrics import case_metrics
 from .segments import SEGMENTS
+from .volume import Geometry
 
 LUNGS = "Lungs"
 
 
 def read_masks(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
     """Named boolean masks (z, y, x) of a segmentation file and its spacing in array order."""
+    masks, geometry = read_masks_with_geometry(path)
+    return masks, tuple(reversed(geometry.spacing))  # type: ignore[return-value]
+
+
+def read_masks_with_geometry(path: str | Path) -> tuple[dict[str, np.ndarray], Geometry]:
+    """Named boolean masks (z, y, x, the file's own array order) of a segmentation file and its voxel grid."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -44,41 +55,100 @@ def read_masks(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[float, fl
         masks = {name: np.asarray(m, bool) for name, m in masks.items()}
         if SEGMENTS.right_lung.name in masks and SEGMENTS.left_lung.name in masks:
             masks[LUNGS] = masks[SEGMENTS.right_lung.name] | masks[SEGMENTS.left_lung.name]
-        return masks, tuple(reversed(geometry.spacing))
+        return masks, geometry
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise InputError(f"{path}: not a readable labelmap or .seg.nrrd") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: a 3D labelmap with one value per voxel is needed, this image is "
+                         f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)")
     labels = sitk.GetArrayFromImage(image)
     values = set(np.unique(labels).tolist())
     if not values <= {0, 1, 2, 3}:
         raise InputError(f"{path}: label values {sorted(values)[:10]} are not the 0-3 convention or a 0/1 mask")
-    spacing = tuple(reversed(image.GetSpacing()))
+    geometry = Geometry.of(image)
     if values <= {0, 1} and 1 in values:
-        return {SEGMENTS.infection.name: labels == 1, "mask": labels == 1}, spacing
+        return {SEGMENTS.infection.name: labels == 1, "mask": labels == 1}, geometry
     masks = {LUNGS: labels > 0, SEGMENTS.infection.name: labels == 3}
     if 3 not in values:
         masks[SEGMENTS.right_lung.name] = labels == 1
         masks[SEGMENTS.left_lung.name] = labels == 2
-    return masks, spacing
+    return masks, geometry
+
+
+def _grid_image(geometry: Geometry, array: np.ndarray | None = None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8)) if array is not None else \
+        sitk.Image([int(n) for n in geometry.size], sitk.sitkUInt8)
+    geometry.apply_to(image)
+    return image
+
+
+def _aligned(source: Geometry, target: Geometry, tol: float = 1e-3) -> bool:
+    """Whether every voxel centre of ``source`` is a voxel centre of ``target`` (same voxels, the axes possibly
+    permuted or flipped and the extent possibly different, as for a bounding-box crop)."""
+    src_dir = np.reshape(source.direction, (3, 3)) * np.asarray(source.spacing)   # columns: index steps in mm
+    tgt_dir = np.reshape(target.direction, (3, 3)) * np.asarray(target.spacing)
+    steps = np.linalg.solve(tgt_dir, src_dir)   # one source index step, in target index steps
+    offset = np.linalg.solve(tgt_dir, np.subtract(source.origin, target.origin))
+    is_permutation = np.allclose(np.abs(steps).sum(axis=0), 1, atol=tol) and \
+        np.allclose(steps, np.round(steps), atol=tol)
+    return bool(is_permutation and np.allclose(offset, np.round(offset), atol=tol))
+
+
+def _onto_grid(masks: dict[str, np.ndarray], geometry: Geometry, target: Geometry,
+               what: str) -> dict[str, np.ndarray]:
+    """The masks placed exactly onto the ``target`` grid (nearest neighbour between aligned grids is exact), or
+    an InputError when the grids do not share their voxels or a mask would lose voxels outside the target."""
+    if geometry.size == target.size and np.allclose(geometry.spacing, target.spacing, rtol=1e-6) and \
+            np.allclose(geometry.origin, target.origin, atol=1e-3) and \
+            np.allclose(geometry.direction, target.direction, atol=1e-6):
+        return masks
+    if not _aligned(geometry, target):
+        raise InputError(
+            f"the {what} is on another voxel grid than the other file (origin {_mm(geometry.origin)} vs "
+            f"{_mm(target.origin)} mm, spacing {_mm(geometry.spacing)} vs {_mm(target.spacing)} mm, size "
+            f"{tuple(geometry.size)} vs {tuple(target.size)}), so voxels cannot be compared one to one. Evaluate "
+            "masks made on the same scan, or resample the reference onto the prediction's grid first (nearest "
+            "neighbour, e.g. Slicer's Resample Scalar/Vector/DWI Volume)")
+    reference = _grid_image(target)
+    placed = {}
+    for name, mask in masks.items():
+        moved = sitk.GetArrayFromImage(sitk.Resample(_grid_image(geometry, mask), reference, sitk.Transform(),
+                                                     sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
+        lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(moved))
+        if lost:
+            raise InputError(f"{lost} voxels of the {what}'s {name!r} lie outside the other file's grid; are both "
+                             "from the same scan?")
+        placed[name] = moved
+    return placed
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in values) + ")"
 
 
 def evaluate_files(pred: str | Path, ref: str | Path, tau_mm: float = 3.0) -> dict:
-    """Metrics per segment present in both files (see module docstring for the naming)."""
-    pred_masks, pred_spacing = read_masks(pred)
-    ref_masks, ref_spacing = read_masks(ref)
-    shapes = {m.shape for m in pred_masks.values()} | {m.shape for m in ref_masks.values()}
-    if len(shapes) != 1:
-        raise InputError(f"the prediction and the reference have different sizes {sorted(shapes)}; both must be "
-                         "on the same voxel grid")
-    if not np.allclose(pred_spacing, ref_spacing, rtol=1e-3):
-        raise InputError(f"voxel spacing differs: prediction {pred_spacing} mm, reference {ref_spacing} mm")
+    """Metrics per segment present in both files (see module docstring for the naming).
+
+    The comparison is made in physical space: both files are placed on the grid of the one with more voxels
+    (the reference when equal), so a file stored in another axis order or flip, or cropped to its segments'
+    bounding box as Slicer writes segmentations, is compared voxel for voxel with the other. Files whose
+    voxels do not coincide (another spacing, a shifted origin, a rotation) are refused.
+    """
+    pred_masks, pred_geometry = read_masks_with_geometry(pred)
+    ref_masks, ref_geometry = read_masks_with_geometry(ref)
+    pred_count, ref_count = (int(np.prod(g.size, dtype=np.int64)) for g in (pred_geometry, ref_geometry))
+    target = pred_geometry if pred_count > ref_count else ref_geometry
+    pred_masks = _onto_grid(pred_masks, pred_geometry, target, "prediction")
+    ref_masks = _onto_grid(ref_masks, ref_geometry, target, "reference")
+    spacing = tuple(reversed(target.spacing))
     common = [name for name in ref_masks if name in pred_masks and name != "mask"]
     if not common:
         raise InputError(f"no segment in common: prediction has {sorted(pred_masks)}, reference {sorted(ref_masks)}")
     result = {"prediction": str(pred), "reference": str(ref), "tau_mm": tau_mm, "segments": {}}
     for name in common:
-        metrics = case_metrics(pred_masks[name], ref_masks[name], spacing=ref_spacing, tau_mm=tau_mm)
+        metrics = case_metrics(pred_masks[name], ref_masks[name], spacing=spacing, tau_mm=tau_mm)
         result["segments"][name] = {k: (None if v is None or not np.isfinite(v) else round(float(v), 6))
                                     for k, v in metrics.items()}
     return result
@@ -179,5 +249,5 @@ def _rounded(d: dict) -> dict:
             for k, v in d.items()}
 
 
-__all__ = ["read_masks", "evaluate_files", "read_slice_labels", "roc_auc", "slice_agreement",
+__all__ = ["read_masks", "read_masks_with_geometry", "evaluate_files", "read_slice_labels", "roc_auc", "slice_agreement",
            "evaluate_slice_labels"]

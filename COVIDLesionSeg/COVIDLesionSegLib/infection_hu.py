@@ -90,6 +90,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .progress import ProgressCallback, report
+from .volume import stable_spacing
 
 GGO_BAND_HU = (-700.0, -300.0)
 CONSOLIDATION_BAND_HU = (-300.0, 100.0)
@@ -124,7 +125,7 @@ def _check_inputs(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequence[float
         raise ValueError(f"expected a 3D CT array (z, y, x), got shape {hu.shape}")
     if lungs.shape != hu.shape:
         raise ValueError(f"lung mask shape {lungs.shape} does not match the CT shape {hu.shape}")
-    sp = tuple(float(s) for s in spacing_zyx)
+    sp = stable_spacing(spacing_zyx)  # kernel radii are rounded from mm: 1e-14 noise must not flip them
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing_zyx must be three positive voxel sizes in mm (z, y, x), got {spacing_zyx}")
     return sp  # type: ignore[return-value]

@@ -61,7 +61,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import progress as _progress
+from .errors import InputError
 from .progress import ProgressCallback
+from .volume import stable_spacing
 
 RIGHT = 1
 LEFT = 2
@@ -106,14 +108,16 @@ def segment_lungs(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
         uint8 array of ``hu.shape``: 0 background, 1 right lung, 2 left lung.
 
     Raises:
-        ValueError: the input is not a 3D CT in HU, or no lungs were found in it.
+        ValueError: the input is not a 3D array with positive spacing (a caller's bug).
+        InputError: (a ValueError too) what the scan shows cannot be a chest CT's lungs: no body, no lungs,
+            one lung that cannot be split; the message is for the user.
     """
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"segment_lungs needs a 3D (z, y, x) array, got shape {hu.shape}")
     if min(hu.shape) < 2:
         raise ValueError(f"volume {hu.shape} is too small for lung segmentation (need >= 2 voxels per axis)")
-    spacing = tuple(float(s) for s in spacing_zyx)
+    spacing = stable_spacing(spacing_zyx)  # the rounding and distance thresholds below must not see 1e-14 noise
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing_zyx must be three positive numbers in mm, got {spacing_zyx!r}")
 
@@ -126,10 +130,10 @@ def segment_lungs(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
     _progress.report(progress, 0.15, "lungs: body and air")
     body = _body_mask(low, params)
     if not body.any():
-        raise ValueError("no body found (no voxel above -500 HU): is this a CT in Hounsfield units?")
+        raise InputError("no body found (no voxel above -500 HU): is this a CT in Hounsfield units?")
     air = (low < params.air_threshold_hu) & body
     if air.sum() * voxel_ml < params.min_lung_ml:
-        raise ValueError(
+        raise InputError(
             "no lungs found: there is almost no air (< -500 HU) inside the body. The input must be a chest "
             "CT in Hounsfield units covering the lungs (not windowed/8-bit, not an abdomen-only scan).")
 
@@ -317,14 +321,14 @@ def _find_lungs(low: np.ndarray, air: np.ndarray, body: np.ndarray, spacing: tup
     """Pick the lung components of the air mask and return (right, left) boolean masks."""
     lab, n = ndi.label(air)
     if n == 0:
-        raise ValueError("no lungs found: no air region inside the body")
+        raise InputError("no lungs found: no air region inside the body")
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     means = ndi.mean(low, lab, index=np.arange(n + 1))
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
     lungs = [i for i in order if means[i] >= params.gas_mean_hu]
     if not lungs or sizes[lungs[0]] * voxel_ml < params.min_lung_ml:
-        raise ValueError(
+        raise InputError(
             f"no lungs found: the largest air region inside the body is "
             f"{(sizes[lungs[0]] if lungs else 0) * voxel_ml:.0f} mL (need >= {params.min_lung_ml:.0f} mL). "
             "Check that the scan covers the chest and is in Hounsfield units.")
@@ -414,7 +418,7 @@ def _split_component(component: np.ndarray, body: np.ndarray,
     a[:, :, mid:] = False
     b = component & ~a
     if not a.any() or not b.any():
-        raise ValueError("only one lung was found and it could not be split into right and left; "
+        raise InputError("only one lung was found and it could not be split into right and left; "
                          "check the scan covers both lungs")
     return a, b
 

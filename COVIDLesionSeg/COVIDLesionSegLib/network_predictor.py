@@ -54,8 +54,9 @@ import torch
 from .lungs import split_right_left
 from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .predictor import ModelInfo
-from .preprocessing import (apply_intensity, bounding_box, margin_voxels, resampled_shape, resize_slices,
-                            resize_volume)
+from .postprocess import InfectionPostprocess
+from .preprocessing import (apply_intensity, bounding_box, margin_voxels, pad_to_square, resampled_shape,
+                            resize_slices, resize_volume)
 from .progress import ProgressCallback, report
 from .volume import CTVolume
 
@@ -157,6 +158,7 @@ class NetworkModel:
         self.activation = ckpt.output["activation"]
         self.foreground_channel = int(ckpt.output.get("foreground_channel", 1 if self.activation == "softmax" else 0))
         self.threshold = ckpt.threshold
+        self.postprocess = InfectionPostprocess.from_spec(ckpt.output.get("postprocess"))
         self.labels = dict(ckpt.labels)
         # The network holds its own copy of the weights; keep the metadata only.
         self.checkpoint = dataclasses.replace(ckpt, state_dict={})
@@ -235,11 +237,15 @@ class NetworkModel:
             for start in range(0, n, bs):
                 zb = zs[start:start + bs]
                 x = np.asarray(hu[zb][:, ys, xs], dtype=np.float32)
+                if self.crop != "lung_bbox":
+                    x, inside = pad_to_square(x)      # whole slices keep their proportions (see its docstring)
                 h, w = x.shape[1:]
                 x = resize_slices(x, self.slice_size, mode="bilinear")
                 x = apply_intensity(x, self.intensity)
                 probs = self._probabilities(self._forward(self._input_tensor(x)), all_channels)
                 probs = resize_slices(probs, (h, w), mode="bilinear").float().cpu().numpy()
+                if self.crop != "lung_bbox":
+                    probs = probs[..., inside[0], inside[1]]
                 if self.crop == "lung_bbox":
                     sink(zb, probs)
                 else:
@@ -310,7 +316,14 @@ class NetworkInfectionModel(NetworkModel):
         if lungs.shape != volume.shape:
             raise ValueError(f"lung mask shape {lungs.shape} does not match the volume {volume.shape}")
         progress = progress if progress is not None else self._progress
-        return self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress), volume)
+        probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress), volume)
+        if not self.postprocess.is_identity:
+            # The checkpoint's post-processing (postprocess.py) decides which thresholded voxels stay; the
+            # others get probability 0, so the pipeline's threshold gives exactly the kept mask.
+            kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx,
+                                          lungs)
+            probs[~kept & (probs >= self.threshold)] = 0.0
+        return probs
 
     def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback]) -> np.ndarray:
         what = f"{self.info.model_id} ({self._device.type})"

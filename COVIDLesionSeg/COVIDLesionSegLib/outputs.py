@@ -1,9 +1,15 @@
 """Output files: Slicer ``.seg.nrrd``, ``_labels.nii.gz`` labelmap, JSON report and ``results.csv``.
 
-Every writer is atomic: it writes a temporary file in the destination folder and renames it over the
-destination with :func:`os.replace` (atomic on POSIX and Windows within one file system). A crash, a
-cancelled run or a full disk therefore never leaves a truncated output that a later run or a user could
-mistake for a result; the temporary file is removed when writing fails.
+Every writer is atomic and checked: it writes a temporary file in the destination folder, checks it (its
+size, and a read-back of the compressed stream or the text where that is cheap), flushes it to disk
+(``fsync``) and only then renames it over the destination with :func:`os.replace` (atomic on POSIX and
+Windows within one file system). A crash, a cancelled run or a full disk therefore never leaves a truncated
+output that a later run or a user could mistake for a result; the temporary file is removed when writing
+fails, and a full disk is reported as :class:`OutputWriteError`.
+
+A *case* (several files) is written by :class:`CaseWriter`: all its files go to a hidden staging folder
+inside the output folder and are renamed into place together, under the output folder's lock, with the JSON
+report last and the ``results.csv`` row in the same step (see :class:`CaseWriter`).
 
 ``.seg.nrrd`` layout (what Slicer's ``vtkMRMLSegmentationStorageNode`` writes and reads, checked against
 slicer-core 5.11 in the tests):
@@ -23,13 +29,19 @@ slicer-core 5.11 in the tests):
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import re
 import secrets
+import shutil
+import signal
+import threading
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -38,6 +50,7 @@ import SimpleITK as sitk
 
 from . import LABEL_BACKGROUND, LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
 from .checks import as_binary_mask
+from .errors import OutputError
 from .segments import SEGMENTS, TERMINOLOGY_TAG, SegmentDef
 from .volume import Geometry
 
@@ -51,7 +64,7 @@ _COMPOUND_SUFFIXES = (".nii.gz", ".seg.nrrd")
 # Atomic writing and overwrite protection
 # --------------------------------------------------------------------------------------------------
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(OutputError, FileExistsError):
     """Some output files already exist and overwriting was not allowed."""
 
     def __init__(self, existing: Sequence[Path]):
@@ -63,8 +76,54 @@ class OutputExistsError(FileExistsError):
             "to replace them.")
 
 
+class OutputWriteError(OutputError, OSError):
+    """An output could not be written completely: the disk is full, a size limit was hit, or the folder
+    cannot be written. Nothing of the file is left in place; the batch stops (every later case would fail
+    the same way)."""
+
+
 class ResultsHeaderMismatchError(ValueError):
     """An existing ``results.csv`` has different columns from the ones this version writes."""
+
+
+#: errno values that mean "no room for this file" (full disk, quota, the process's file-size limit).
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+def _free_space_text(folder: Path) -> str:
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return ""
+    return f" ({usage.free / 1e6:.1f} MB free)"
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.partial")
+
+
+def _display_path(path: Path) -> Path:
+    """The output a temporary or staged file stands for (the user never asked for the hidden names)."""
+    match = _TEMP_NAME.match(path.name)
+    if match:
+        path = path.with_name(match.group("name"))
+    if path.parent.name.startswith(_STAGING_PREFIX) and path.parent.name.endswith(_STAGING_SUFFIX):
+        path = path.parent.parent / path.name
+    return path
+
+
+def _write_failure(path: Path, reason: str) -> OutputWriteError:
+    shown = _display_path(path)
+    return OutputWriteError(
+        f"{shown}: the file could not be written completely ({reason}); the disk holding {shown.parent} may be "
+        f"full{_free_space_text(path.parent)} or a file size limit was hit. Nothing was kept of it: free some "
+        "space (or choose another output folder) and run again.")
+
+
+def _as_write_error(path: Path, exc: OSError) -> OSError:
+    """A clear :class:`OutputWriteError` for "no space" errors; other OS errors are returned unchanged."""
+    if isinstance(exc, OutputWriteError) or exc.errno not in _NO_SPACE:
+        return exc
+    return _write_failure(path, exc.strerror or str(exc))
 
 
 def _temp_path_for(path: Path) -> Path:
@@ -75,52 +134,191 @@ def _temp_path_for(path: Path) -> Path:
     return path.with_name(f".{name}.{os.getpid()}-{secrets.token_hex(4)}.partial{suffix}")
 
 
-def atomic_write(path: PathLike, write_fn: Callable[[Path], Any]) -> Path:
-    """Write ``path`` atomically: ``write_fn(temp_path)`` writes a temporary file that then replaces ``path``.
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
-    ``write_fn`` receives a path in the same folder that keeps ``path``'s suffix (``.nii.gz``,
-    ``.seg.nrrd``, ``.json``, ...). If it raises (including ``KeyboardInterrupt``), the temporary file is
-    removed, ``path`` is left as it was, and the exception propagates. The parent folder is created if
-    needed. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path_for(path)
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable (POSIX; Windows cannot open a folder and needs no such step)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        write_fn(tmp)
-        if not tmp.is_file():
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checked(path: Path, write_fn: Callable[[Path], Any],
+                  verify: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``path`` in place with ``write_fn(path)``, check it and flush it to disk; remove it on failure.
+
+    ``verify(path)`` raises :class:`OutputWriteError` (or any exception) when the file is not what was meant
+    to be written; some writers (ITK's NIfTI writer) only print a warning when the disk is full. A "no space"
+    ``OSError`` becomes :class:`OutputWriteError`. Used for temporary and staging paths; see
+    :func:`atomic_write` for a destination.
+    """
+    try:
+        write_fn(path)
+        if not path.is_file():
             raise RuntimeError(f"writer for {path} did not create its output file")
-        # Flush to disk before the rename, so a power cut cannot leave a complete-looking empty file.
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        if verify is not None:
+            verify(path)
+        # Flush to disk before any rename, so a power cut cannot leave a complete-looking empty file.
+        _fsync_path(path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        clear = _as_write_error(path, exc) if isinstance(exc, OSError) else exc
+        if clear is not exc:
+            raise clear from exc
         raise
     return path
 
 
+def atomic_write(path: PathLike, write_fn: Callable[[Path], Any],
+                 verify: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``path`` atomically: ``write_fn(temp_path)`` writes a temporary file that then replaces ``path``.
+
+    ``write_fn`` receives a path in the same folder that keeps ``path``'s suffix (``.nii.gz``,
+    ``.seg.nrrd``, ``.json``, ...). The temporary file is checked with ``verify`` (see :func:`write_checked`)
+    and flushed to disk before the rename. If anything raises (including ``KeyboardInterrupt``), the
+    temporary file is removed, ``path`` is left as it was, and the exception propagates (a full disk as
+    :class:`OutputWriteError`). The parent folder is created if needed. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_checked(_temp_path_for(path), write_fn, verify)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def _verify_bytes(data: bytes) -> Callable[[Path], None]:
+    def verify(path: Path) -> None:
+        size = path.stat().st_size
+        if size != len(data):
+            raise _write_failure(path, f"{size} of {len(data)} bytes on disk")
+        if path.read_bytes() != data:
+            raise _write_failure(path, "the bytes read back differ from those written")
+    return verify
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), _verify_bytes(data))
 
 
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+def _text_writer(text: str, encoding: str) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
     # newline="" keeps the caller's line endings exactly (csv uses \r\n by default).
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding=encoding, newline="") as fh:
             fh.write(text)
-    return atomic_write(path, write)
+    return write, _verify_bytes(text.encode(encoding))
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    return atomic_write(path, *_text_writer(text, encoding))
+
+
+# -- read-back checks of compressed images ------------------------------------------------------------------
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _payload_chunks(path: Path, offset: int, chunk: int = 1 << 22) -> Iterable[bytes]:
+    """The bytes stored from ``offset`` on, gunzipped when they are gzip; raises when the stream is cut."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        head = fh.read(2)
+        fh.seek(offset)
+        if head != _GZIP_MAGIC:
+            while block := fh.read(chunk):
+                yield block
+            return
+        stream = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        pending = b""
+        while not stream.eof:
+            if not pending:
+                pending = fh.read(chunk)
+                if not pending:
+                    raise _write_failure(path, "the compressed data ends early")
+            try:
+                # max_length bounds memory: a labelmap compresses several hundred times.
+                out = stream.decompress(pending, chunk)
+            except zlib.error as exc:
+                raise _write_failure(path, f"the compressed data is damaged ({exc})") from None
+            pending = stream.unconsumed_tail
+            if out:
+                yield out
+
+
+def _compare_payload(path: Path, offset: int, expected: memoryview, skip: int = 0) -> None:
+    """Check that the payload from ``offset`` is ``skip`` header bytes followed by exactly ``expected``."""
+    position = -skip
+    for block in _payload_chunks(path, offset):
+        start = max(0, -position)           # part of the block still in the skipped header
+        data = memoryview(block)[start:]
+        here = position + start
+        if here + len(data) > len(expected) or data != expected[here:here + len(data)]:
+            raise _write_failure(path, "the data read back differ from those written")
+        position += len(block)
+    if position != len(expected):
+        raise _write_failure(path, f"{max(position, 0)} of {len(expected)} data bytes on disk")
+
+
+def _nrrd_data_offset(path: Path) -> int:
+    """Byte offset of an attached NRRD's data: after the first empty line that ends the header."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    end = head.find(b"\n\n")
+    if not head.startswith(b"NRRD") or end < 0:
+        raise _write_failure(path, "no complete NRRD header")
+    return end + 2
+
+
+def verify_nrrd(path: Path, expected: Optional[np.ndarray] = None) -> None:
+    """Read back an attached NRRD: its data must be complete (and equal ``expected``'s bytes when given).
+
+    Without ``expected`` (a file written by Slicer, whose layout it chooses), the file is read with pynrrd,
+    which refuses data shorter than the header's sizes.
+    """
+    if expected is not None:
+        _compare_payload(path, _nrrd_data_offset(path), memoryview(np.ascontiguousarray(expected)).cast("B"))
+        return
+    import nrrd
+
+    try:
+        nrrd.read(str(path))
+    except Exception as exc:  # noqa: BLE001 - pynrrd raises ValueError, zlib.error, EOFError...
+        raise _write_failure(path, f"reading it back failed: {exc}") from None
+
+
+def verify_nifti(path: Path, expected: np.ndarray) -> None:
+    """Read back a NIfTI-1 file (``.nii`` or ``.nii.gz``): the voxels after its header must be ``expected``.
+
+    ITK's NIfTI writer does not fail on a full disk (it prints "NWAD" and goes on), and ITK then reads the
+    truncated file as zeros, so the check reads the stream itself.
+    """
+    head = b""
+    for block in _payload_chunks(path, 0):
+        head += block
+        if len(head) >= 112:
+            break
+    if len(head) < 112:
+        raise _write_failure(path, "no complete NIfTI header")
+    vox_offset = int(np.frombuffer(head[108:112], "<f4")[0])
+    if not 348 <= vox_offset < 1 << 20:
+        raise _write_failure(path, f"implausible NIfTI data offset {vox_offset}")
+    _compare_payload(path, 0, memoryview(np.ascontiguousarray(expected)).cast("B"), skip=vox_offset)
 
 
 def check_outputs_free(paths: Iterable[PathLike], overwrite: bool) -> None:
-    """Raise :class:`OutputExistsError` listing every path that exists, unless ``overwrite`` is True.
-
-    Call it for all of a case's outputs before any work starts, so that a run does not spend minutes on
-    inference and then refuse to write (or half-overwrite a previous result).
-    """
+    """Raise :class:`OutputExistsError` listing every path that exists, unless ``overwrite`` is True."""
     if overwrite:
         return
     existing = [Path(p) for p in paths if Path(p).exists()]
@@ -297,7 +495,7 @@ def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geo
         with open(tmp, "wb") as fh:
             nrrd.write(fh, data, header, index_order="C", compression_level=compression_level)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, lambda tmp: verify_nrrd(tmp, data))
 
 
 _SEGMENT_FIELD = re.compile(r"^Segment(\d+)_(\w+)$")
@@ -438,7 +636,9 @@ def write_labelmap(path: PathLike, labels: Union[sitk.Image, np.ndarray],
         out.CopyInformation(image)
     else:
         geometry.apply_to(out)  # type: ignore[union-attr]
-    return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), useCompression=compress))
+    expected = sitk.GetArrayViewFromImage(out)
+    verify = (lambda tmp: verify_nifti(tmp, expected)) if str(path).lower().endswith((".nii", ".nii.gz")) else None
+    return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), useCompression=compress), verify)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,12 +676,17 @@ def write_json_report(path: PathLike, report: Mapping[str, Any]) -> Path:
 def _results_columns() -> tuple[str, ...]:
     from .quantify import CSV_COLUMNS
     return ("case", "status", "source", "lung_model", "infection_model", "device", *CSV_COLUMNS,
-            "seconds", "error")
+            "seconds", "error", "notes")
 
 
 #: Column order of ``results.csv``: case name, status ("ok"/"failed"), input path, model ids, device,
-#: the quantification (:data:`quantify.CSV_COLUMNS`), total seconds and the error message of a failed case.
+#: the quantification (:data:`quantify.CSV_COLUMNS`), total seconds, the error message of a failed case and
+#: the run's notes (the things that change how the numbers read, e.g. approximate HU or lungs cut by the
+#: scan's edge), joined by " | ".
 RESULTS_COLUMNS: tuple[str, ...] = _results_columns()
+RESULTS_FILE = "results.csv"
+#: Infection columns, empty for a ``--lungs-only`` case (not 0: nothing was measured).
+_INFECTION_COLUMNS = tuple(c for c in RESULTS_COLUMNS if "infect" in c and c != "infection_model")
 
 
 def _csv_cell(value: Any) -> str:
@@ -495,53 +700,394 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def append_results_row(csv_path: PathLike, row: Mapping[str, Any],
-                       columns: Sequence[str] = RESULTS_COLUMNS) -> Path:
-    """Append one case's row to ``results.csv`` (atomic rewrite); the header is written for a new file.
+def report_notes(report: Mapping[str, Any]) -> list[str]:
+    """Every note of a case report, the run's and the quantification's, once each, in order."""
+    notes = list(report.get("notes", [])) + list(report.get("quantification", {}).get("notes", []))
+    return list(dict.fromkeys(str(n) for n in notes))
 
-    Columns are ``columns`` in that order; keys missing from ``row`` are left empty, None/NaN are empty.
-    A key that is not a column raises ValueError (it would otherwise be silently lost). If the file
-    exists with a different header, :class:`ResultsHeaderMismatchError` is raised and the file is left
-    untouched. The existing content is kept byte for byte; the new content replaces the file through a
-    temporary file, so a crash never leaves a half-written table.
+
+def results_row(report: Mapping[str, Any], seconds: Optional[float] = None) -> dict[str, Any]:
+    """The ``results.csv`` row of a segmented case, from its JSON report (CLI and ``batch.py`` alike).
+
+    ``seconds`` defaults to the sum of the report's stage timings. A lungs-only case has empty infection
+    fields.
     """
-    csv_path = Path(csv_path)
+    from .quantify import flatten_for_csv
+
+    models = report.get("models", {})
+    quantities = report["quantification"]
+    main_model = models.get("infection", models.get("lungs", {}))
+    if seconds is None:
+        seconds = sum(report.get("timings_s", {}).values())
+    row: dict[str, Any] = {"case": report["case"], "status": "ok", "source": report.get("input", {}).get("source", ""),
+                           "lung_model": models.get("lungs", {}).get("id", ""),
+                           "infection_model": models.get("infection", {}).get("id", ""),
+                           "device": main_model.get("device", ""), **flatten_for_csv(quantities),
+                           "seconds": round(seconds, 3), "notes": " | ".join(report_notes(report))}
+    if quantities.get("infection_segmented") is False:
+        row.update(dict.fromkeys(_INFECTION_COLUMNS))
+    return row
+
+
+def failed_row(case: str, source: Any, error: str, seconds: Optional[float] = None) -> dict[str, Any]:
+    """The ``results.csv`` row of a case that failed: its name, input, the message and the time spent."""
+    return {"case": case, "status": "failed", "source": str(source), "error": error,
+            "seconds": None if seconds is None else round(seconds, 3)}
+
+
+def _read_table(csv_path: Path, columns: list[str]) -> list[list[str]]:
+    """Data rows of an existing table with exactly ``columns`` (else ResultsHeaderMismatchError); [] if none."""
+    if not csv_path.exists():
+        return []
+    with open(csv_path, encoding="utf-8", newline="") as fh:
+        table = list(csv.reader(fh))
+    if not table:
+        return []
+    header = table[0]
+    if header != columns:
+        missing = [c for c in columns if c not in header]
+        unexpected = [c for c in header if c not in columns]
+        detail = []
+        if missing:
+            detail.append(f"missing columns {missing}")
+        if unexpected:
+            detail.append(f"unexpected columns {unexpected}")
+        if not detail:
+            detail.append("same columns in a different order")
+        raise ResultsHeaderMismatchError(
+            f"{csv_path} was written with different columns ({'; '.join(detail)}); not changing it, to avoid a "
+            "corrupt table. Write to another output folder or move the old results.csv away.")
+    return table[1:]
+
+
+def _updated_table(csv_path: Path, row: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """The text of ``csv_path`` with ``row`` replacing the row of the same case (first column), or appended."""
     columns = list(columns)
     extra = [k for k in row if k not in columns]
     if extra:
         raise ValueError(f"results row has keys that are not results.csv columns: {extra}")
-
-    existing = ""
-    if csv_path.exists():
-        with open(csv_path, encoding="utf-8", newline="") as fh:
-            existing = fh.read()
-    if existing.strip():
-        header = next(csv.reader(io.StringIO(existing)))
-        if header != columns:
-            missing = [c for c in columns if c not in header]
-            unexpected = [c for c in header if c not in columns]
-            detail = []
-            if missing:
-                detail.append(f"missing columns {missing}")
-            if unexpected:
-                detail.append(f"unexpected columns {unexpected}")
-            if not detail:
-                detail.append("same columns in a different order")
-            raise ResultsHeaderMismatchError(
-                f"{csv_path} was written with different columns ({'; '.join(detail)}); not appending, to "
-                "avoid a corrupt table. Write to another output folder or move the old results.csv away.")
-        if not existing.endswith(("\n", "\r")):
-            existing += "\r\n"
+    rows = _read_table(csv_path, columns)
+    cells = [_csv_cell(row.get(c)) for c in columns]
+    for index, existing in enumerate(rows):
+        if existing and existing[0] == cells[0]:
+            rows[index] = cells
+            break
+    else:
+        rows.append(cells)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    if not existing.strip():
-        existing = ""
-        writer.writerow(columns)
-    writer.writerow([_csv_cell(row.get(c)) for c in columns])
-    return atomic_write_text(csv_path, existing + buffer.getvalue())
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def update_results_row(csv_path: PathLike, row: Mapping[str, Any],
+                       columns: Sequence[str] = RESULTS_COLUMNS) -> Path:
+    """Put one case's row into ``results.csv``: replace the row of the same case, or append it.
+
+    The table keeps one row per case (the first column), in the order cases first appeared. Columns are
+    ``columns`` in that order; keys missing from ``row`` are left empty, None/NaN are empty. A key that is
+    not a column raises ValueError (it would otherwise be silently lost). If the file exists with a
+    different header, :class:`ResultsHeaderMismatchError` is raised and the file is left untouched. The
+    change is made under the folder's lock (see :func:`folder_lock`) and replaces the file atomically, so
+    parallel runs lose no row and a crash never leaves a half-written table.
+    """
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(csv_path.parent):
+        return atomic_write_text(csv_path, _updated_table(csv_path, row, columns))
 
 
 def read_results_csv(csv_path: PathLike) -> list[dict[str, str]]:
     """Rows of a ``results.csv`` as dicts of strings (for tests and summaries)."""
     with open(csv_path, encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: lock, checks, and a case's files written together
+# --------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".covidlesionseg.lock"
+_STAGING_PREFIX, _STAGING_SUFFIX = ".covidlesionseg-", ".partial"
+_OWNER_FILE = ".owner"
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def _try_lock(fh, blocking: bool) -> bool:
+    """Exclusive lock of an open file (released when it is closed, or by the OS when the process dies)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt
+    import time
+
+    while True:
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not blocking:
+                return False
+            time.sleep(0.05)
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike):
+    """Hold the output folder's exclusive lock (``.covidlesionseg.lock``) for the ``with`` block.
+
+    Every change to what a folder shows (a case's files, ``results.csv``) is made under it, so parallel runs
+    into one folder are serialised. It is an OS lock (``flock``; ``msvcrt.locking`` on Windows) on that file:
+    the OS releases it when the holder exits or is killed, so a lock file left behind is never stale: the
+    next run simply takes it. Re-entrant within a thread. (File systems without working locks, some
+    network shares, give no protection between machines.)
+    """
+    key = os.path.abspath(folder)
+    held = getattr(_held, "folders", None)
+    if held is None:
+        held = _held.folders = set()
+    if key in held:
+        yield
+        return
+    with open(Path(folder) / LOCK_FILE, "a+b") as fh:
+        _try_lock(fh, blocking=True)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block is done, then deliver them as they came.
+
+    Python runs signal handlers in the main thread only, so replacing them there defers the signal whichever
+    thread the OS picked. In other threads nothing is changed (they never receive KeyboardInterrupt).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {}
+    try:
+        for signum in wanted:
+            previous[signum] = signal.signal(signum, lambda n, _frame: received.append(n))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def _is_staging_folder(path: Path) -> bool:
+    return path.name.startswith(_STAGING_PREFIX) and path.name.endswith(_STAGING_SUFFIX)
+
+
+def _remove_stale_staging(folder: Path) -> list[str]:
+    """Remove staging folders of runs that died (their owner lock is free); returns their names."""
+    removed = []
+    for staging in folder.iterdir():
+        if not (_is_staging_folder(staging) and staging.is_dir()):
+            continue
+        try:
+            with open(staging / _OWNER_FILE, "rb") as fh:
+                if not _try_lock(fh, blocking=False):
+                    continue  # a live run is writing there
+        except FileNotFoundError:
+            continue  # being created right now (the owner file comes first thing)
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging.name)
+    return removed
+
+
+def prepare_output_folder(folder: PathLike) -> Path:
+    """Create the output folder if needed and check that files can be written there, before any case runs.
+
+    Also removes what killed runs left (hidden staging folders). Raises :class:`OutputWriteError` with the
+    reason when the folder cannot be created or written (read-only, no permission, full disk).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{_STAGING_PREFIX}probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0")
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
+        with folder_lock(folder):
+            _remove_stale_staging(folder)
+    except OSError as exc:
+        raise OutputWriteError(f"{folder}: the output folder is not writable ({exc.strerror or exc}); choose "
+                               "another folder with -o/--output or fix its permissions") from None
+    return folder
+
+
+def own_outputs(folder: PathLike) -> set[Path]:
+    """Files in ``folder`` that this tool wrote as outputs (from the case reports found there)."""
+    folder = Path(folder)
+    found: set[Path] = set()
+    for report_path in folder.glob("*.json"):
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(report, dict) and "covidlesionseg" in report.get("software", {})):
+            continue
+        case = report_path.name[: -len(".json")]
+        names = set(report.get("outputs", {}).values()) | {f"{case}.seg.nrrd", f"{case}_labels.nii.gz"}
+        found.update(folder / n for n in names)
+    return found
+
+
+def skip_own_outputs(inputs: Sequence[PathLike], folder: PathLike) -> tuple[list[Path], list[Path]]:
+    """Split ``inputs`` into (cases, skipped): inputs that are this tool's outputs or leftovers in ``folder``
+    are skipped, so that an output folder equal to the input folder is not read back as new scans."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [Path(p) for p in inputs], []
+    own = {p.resolve() for p in own_outputs(folder)}
+    here = folder.resolve()
+    cases, skipped = [], []
+    for path in map(Path, inputs):
+        resolved = path.resolve() if path.exists() else path
+        hidden_leftover = resolved.parent == here and resolved.name.startswith(".")
+        (skipped if resolved in own or hidden_leftover else cases).append(path)
+    return cases, skipped
+
+
+class CaseWriter:
+    """Writes one case's files into ``outdir`` so that they appear together or not at all.
+
+    The files are written into a hidden staging folder inside ``outdir`` (``staging_path(key)``; each one
+    checked and flushed by its writer), then :meth:`commit` takes the folder lock, checks again that the
+    case may be written, and moves everything into place with Ctrl-C held off: the data files, then the
+    JSON report, then ``results.csv`` with the case's row (prepared in the staging folder first, so a full
+    disk stops the commit before anything moved). The report is the case's mark of completion: it lists the
+    case's files under ``"outputs"``, and a case whose report is missing, or lists a missing file, is
+    *incomplete* and is written again by a rerun without ``--overwrite``. Leaving the ``with`` block
+    without a commit (an error, Ctrl-C) removes the staging folder; one left by a killed run is removed by
+    the next :func:`prepare_output_folder`.
+
+    Args:
+        outdir: the output folder.
+        name: the case name.
+        files: key -> file name in ``outdir`` for every file of the case; the key ``"report"`` is the JSON.
+        overwrite: replace a complete earlier result of this case.
+    """
+
+    def __init__(self, outdir: PathLike, name: str, files: Mapping[str, str], overwrite: bool = False):
+        if "report" not in files:
+            raise ValueError("a case needs a 'report' (JSON) file: it marks the case as complete")
+        self.outdir, self.name, self.overwrite = Path(outdir), name, overwrite
+        self.files = dict(files)
+        self.staging: Optional[Path] = None
+        self._owner = None
+
+    def final_path(self, key: str) -> Path:
+        return self.outdir / self.files[key]
+
+    def staging_path(self, key: str) -> Path:
+        if self.staging is None:
+            raise RuntimeError("CaseWriter.staging_path() is only available inside its with block")
+        return self.staging / self.files[key]
+
+    def state(self) -> str:
+        """"complete", "incomplete" (some files, but no valid report or a listed file missing) or "absent"."""
+        present = [k for k in self.files if self.final_path(k).exists()]
+        if "report" in present:
+            try:
+                report = json.loads(self.final_path("report").read_text(encoding="utf-8"))
+                listed = report.get("outputs", {}) if isinstance(report, dict) else None
+            except (OSError, ValueError):
+                listed = None
+            if listed is not None and all((self.outdir / n).exists() for n in listed.values()):
+                return "complete"
+            return "incomplete"
+        return "incomplete" if present else "absent"
+
+    def check_free(self) -> list[str]:
+        """Raise :class:`OutputExistsError` when a complete result exists and overwriting is not allowed.
+
+        Returns messages for the user (an incomplete earlier case that will be written again).
+        """
+        state = self.state()
+        present = [self.final_path(k) for k in self.files if self.final_path(k).exists()]
+        if state == "complete" and not self.overwrite:
+            raise OutputExistsError(present)
+        if state == "incomplete":
+            return [f"case {self.name}: the earlier output is incomplete ({', '.join(p.name for p in present)}; "
+                    "its report is missing or lists a missing file); writing the case again"]
+        return []
+
+    def __enter__(self) -> "CaseWriter":
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.staging = self.outdir / f"{_STAGING_PREFIX}{self.name}-{os.getpid()}-{secrets.token_hex(4)}{_STAGING_SUFFIX}"
+        try:
+            self.staging.mkdir()
+            self._owner = open(self.staging / _OWNER_FILE, "wb")
+            _try_lock(self._owner, blocking=True)
+        except BaseException:  # e.g. Ctrl-C right here: __exit__ would not run
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def commit(self, report: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Path]:
+        """Write the report and move the case into place with its ``results.csv`` row (see the class).
+
+        Raises :class:`OutputExistsError` when another run completed this case meanwhile (and overwriting is
+        not allowed), :class:`OutputWriteError` when the disk is full; in both cases nothing is moved.
+        Returns key -> final path.
+        """
+        data_keys = [k for k in self.files if k != "report"]
+        missing = [k for k in data_keys if not self.staging_path(k).is_file()]
+        if missing:
+            raise RuntimeError(f"case {self.name}: {missing} were not written before the commit")
+        report = {**report, "outputs": {k: self.files[k] for k in data_keys}}
+        write_json_report(self.staging_path("report"), report)
+        results = self.outdir / RESULTS_FILE
+        with folder_lock(self.outdir):
+            if self.state() == "complete" and not self.overwrite:  # another run finished it meanwhile
+                raise OutputExistsError([self.final_path(k) for k in self.files if self.final_path(k).exists()])
+            staged_table = atomic_write_text(self.staging / RESULTS_FILE, _updated_table(results, row, RESULTS_COLUMNS))
+            with _signals_deferred():
+                # The old report goes first: until the new one is in place the case reads as incomplete.
+                with contextlib.suppress(FileNotFoundError):
+                    self.final_path("report").unlink()
+                for key in data_keys:
+                    os.replace(self.staging_path(key), self.final_path(key))
+                os.replace(self.staging_path("report"), self.final_path("report"))
+                os.replace(staged_table, results)
+                _fsync_folder(self.outdir)
+        return {k: self.final_path(k) for k in self.files}
+
+    def record_failure(self, row: Mapping[str, Any]) -> None:
+        """Put a failed case's row into ``results.csv``, unless a complete result of the case is there (the
+        table describes the files in the folder; the failure itself is reported to the user)."""
+        with folder_lock(self.outdir):
+            if self.state() != "complete":
+                update_results_row(self.outdir / RESULTS_FILE, row)

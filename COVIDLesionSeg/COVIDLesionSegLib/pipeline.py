@@ -5,8 +5,10 @@ Two entry points share one implementation:
 - :meth:`Pipeline.run` works on a :class:`~.volume.CTVolume` in memory (used by the Slicer module's logic and
   worker, which already hold the image) and returns a :class:`SegmentationResult`;
 - :meth:`Pipeline.segment_file` reads a file or DICOM folder, runs, and writes the case's outputs
-  (``.seg.nrrd``, ``_labels.nii.gz``, ``.json``, a row in ``results.csv``); :func:`segment_batch` loops over
-  cases, continues past failures and reports them.
+  (``.seg.nrrd``, ``_labels.nii.gz``, ``.json``, its row in ``results.csv``) together or not at all
+  (:class:`~.outputs.CaseWriter`); :func:`segment_batch` checks the output folder first, loops over cases,
+  continues past failed cases (each gets a "failed" row) and reports them, and stops when the output
+  folder cannot take more files (a full disk).
 
 Progress is reported as ``on_progress(stage, fraction_of_stage, message)``; a callback that raises
 :class:`~.progress.Cancelled` stops the run before anything is written.
@@ -47,6 +49,7 @@ class SegmentOptions:
     lungs_only: bool = False
     overwrite: bool = False
     input_window: Optional[tuple[float, float]] = None
+    allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
 
 
 @dataclass
@@ -137,6 +140,9 @@ class Pipeline:
         if infection is None:
             quantities["infection_segmented"] = False
         timings["quantify"] = time.perf_counter() - start
+        edge = _scan_edge_note(lungs, volume.spacing_zyx)
+        if edge:
+            notes.append(edge)
         return SegmentationResult(volume, lungs, infection, quantities, timings, models, notes)
 
     # -- files -------------------------------------------------------------------------------------------------
@@ -144,18 +150,30 @@ class Pipeline:
         return {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
                 "report": outdir / f"{name}.json"}
 
+    def case_writer(self, outdir: str | Path, name: str) -> outputs.CaseWriter:
+        """The :class:`~.outputs.CaseWriter` of a case's three files in ``outdir``."""
+        files = {key: path.name for key, path in self.output_paths(Path(outdir), name).items()}
+        return outputs.CaseWriter(outdir, name, files, overwrite=self.options.overwrite)
+
     def segment_file(self, path: str | Path, outdir: str | Path, name: Optional[str] = None,
-                     on_progress: Optional[StageCallback] = None) -> tuple[SegmentationResult, dict[str, Path]]:
-        """Read, check, segment and write one case. Nothing is written unless every stage succeeded."""
+                     on_progress: Optional[StageCallback] = None,
+                     on_note: Optional[Callable[[str], None]] = None) -> tuple[SegmentationResult, dict[str, Path]]:
+        """Read, check, segment and write one case. Nothing is written unless every stage succeeded.
+
+        Raises :class:`~.outputs.OutputExistsError` before any work when a complete result of the case exists
+        (without ``overwrite``); an incomplete one is written again, and ``on_note`` is told so.
+        """
         outdir = Path(outdir)
         name = name or io.case_name(path)
         paths = self.output_paths(outdir, name)
-        outputs.check_outputs_free(list(paths.values()), overwrite=self.options.overwrite)
+        for message in self.case_writer(outdir, name).check_free():
+            if on_note is not None:
+                on_note(message)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
         _emit(on_progress, "read", 0.0, f"reading {path}")
-        image, read_notes = io.read_image(path)
+        image, read_notes = io.read_image(path, allow_slice_gaps=self.options.allow_slice_gaps)
         timings["read"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -173,28 +191,28 @@ class Pipeline:
         return result, paths
 
     def write(self, result: SegmentationResult, paths: dict[str, Path], outdir: Path,
-              started: Optional[float] = None) -> None:
-        """Write the images, then the JSON report (with the write time) and the results.csv row, last."""
+              started: Optional[float] = None) -> dict[str, Any]:
+        """Write the case's files and its results.csv row together (:class:`~.outputs.CaseWriter`).
+
+        ``paths`` are :meth:`output_paths`. Returns the JSON report as written (with the write time).
+        """
         started = time.perf_counter() if started is None else started
-        outdir.mkdir(parents=True, exist_ok=True)
-        outputs.write_segmentation_nrrd(paths["segmentation"], result.masks_in_input_geometry(),
-                                        result.volume.input_geometry)
-        outputs.write_labelmap(paths["labels"], result.labelmap_in_input_geometry())
-        result.timings["write"] = time.perf_counter() - started
-        outputs.write_json_report(paths["report"], result.report())
-        row = {"case": result.volume.name, "status": "ok", "source": result.volume.source,
-               "lung_model": result.models["lungs"]["id"],
-               "infection_model": result.models.get("infection", {}).get("id", ""),
-               "device": result.models.get("infection", result.models["lungs"]).get("device", ""),
-               **quantify.flatten_for_csv(result.quantities),
-               "seconds": round(sum(result.timings.values()), 3)}
-        outputs.append_results_row(outdir / "results.csv", row)
+        files = {key: Path(p).name for key, p in paths.items()}
+        with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
+            outputs.write_labelmap(case.staging_path("labels"), result.labelmap_in_input_geometry())
+            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), result.masks_in_input_geometry(),
+                                            result.volume.input_geometry)
+            result.timings["write"] = time.perf_counter() - started
+            report = result.report()
+            case.commit(report, outputs.results_row(report))
+        return report
 
 
 @dataclass
 class BatchReport:
     succeeded: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)   # (input, message)
+    skipped: list[str] = field(default_factory=list)              # inputs that are this tool's own outputs
 
     @property
     def exit_status(self) -> int:
@@ -204,34 +222,96 @@ class BatchReport:
 def segment_batch(inputs: list[str | Path], outdir: str | Path, options: SegmentOptions,
                   on_progress: Optional[StageCallback] = None,
                   on_case: Optional[Callable[[int, int, str], None]] = None,
-                  on_error: Optional[Callable[[str, str], None]] = None) -> BatchReport:
-    """Segment every input; a failed case is reported and the batch goes on. Cancelled stops the batch."""
-    report = BatchReport()
+                  on_error: Optional[Callable[[str, str], None]] = None,
+                  on_notes: Optional[Callable[[str, list[str]], None]] = None) -> BatchReport:
+    """Segment every input; a failed case is reported and the batch goes on. Cancelled stops the batch.
+
+    The output folder is checked before any case (:func:`~.outputs.prepare_output_folder`, raising
+    :class:`~.outputs.OutputWriteError`); inputs that are this tool's own outputs in that folder are
+    skipped. A failed case gets a "failed" row in results.csv, unless a complete earlier result of it is
+    there. A full disk (:class:`~.outputs.OutputWriteError`) stops the batch. ``on_notes(input, notes)``
+    gets, for each case, the notes to show the user (those of the run and of its output folder).
+    """
+    outdir = Path(outdir)
+    outputs.prepare_output_folder(outdir)
+    inputs, _skipped = outputs.skip_own_outputs(inputs, outdir)
+    report = BatchReport(skipped=[str(p) for p in _skipped])
     pipeline = Pipeline(options)
     names = io.unique_case_names(inputs)
     for index, (path, name) in enumerate(zip(inputs, names)):
         if on_case is not None:
             on_case(index, len(inputs), str(path))
+        started = time.perf_counter()
+        folder_notes: list[str] = []
         try:
-            pipeline.segment_file(path, outdir, name=name, on_progress=on_progress)
+            result, _paths = pipeline.segment_file(path, outdir, name=name, on_progress=on_progress,
+                                                   on_note=folder_notes.append)
         except Cancelled:
             raise
-        except CovidLesionSegError as exc:
+        except outputs.OutputExistsError as exc:  # a complete result is there: its row stays as it is
             _record_failure(report, path, str(exc), on_error)
+            continue
+        except outputs.OutputWriteError as exc:  # a full disk: every later case would fail the same way
+            _record_failure(report, path, str(exc), on_error, pipeline.case_writer(outdir, name), started)
+            raise
+        except CovidLesionSegError as exc:
+            _record_failure(report, path, str(exc), on_error, pipeline.case_writer(outdir, name), started)
+            continue
         except MemoryError:
             _record_failure(report, path, "out of memory; close other programs, or use a smaller model or the CPU "
-                                          "with fewer parallel jobs", on_error)
+                                          "with fewer parallel jobs", on_error, pipeline.case_writer(outdir, name),
+                            started)
+            continue
         except Exception as exc:  # an unexpected bug must not stop a hospital's overnight batch
-            _record_failure(report, path, f"unexpected error: {type(exc).__name__}: {exc}", on_error)
-        else:
-            report.succeeded.append(str(path))
+            _record_failure(report, path, f"unexpected error: {type(exc).__name__}: {exc}", on_error,
+                            pipeline.case_writer(outdir, name), started)
+            continue
+        report.succeeded.append(str(path))
+        notes = folder_notes + outputs.report_notes(result.report())
+        if on_notes is not None and notes:
+            on_notes(str(path), notes)
     return report
 
 
-def _record_failure(report: BatchReport, path, message: str, on_error) -> None:
+def _record_failure(report: BatchReport, path, message: str, on_error,
+                    writer: Optional[outputs.CaseWriter] = None, started: Optional[float] = None) -> None:
     report.failed.append((str(path), message))
     if on_error is not None:
         on_error(str(path), message)
+    if writer is None:
+        return
+    seconds = None if started is None else time.perf_counter() - started
+    try:
+        writer.record_failure(outputs.failed_row(writer.name, path, message, seconds))
+    except (OSError, ValueError) as exc:  # a full disk or a foreign table: the console still has the failure
+        if on_error is not None:
+            on_error(str(path), f"(results.csv not updated: {exc})")
+
+
+#: Lung on a face of the scan counts as cut when its area there is at least this share of the lungs' largest
+#: cross-section parallel to that face, and at least _EDGE_AREA_MM2 (a few stray voxels, or the end of the
+#: airway left at the top slice, do not).
+_EDGE_SHARE, _EDGE_AREA_MM2 = 0.02, 100.0
+
+
+def _scan_edge_note(lungs: np.ndarray, spacing_zyx) -> Optional[str]:
+    """A note when the lung mask (canonical LPS, (z, y, x)) reaches a face of the scan: part of the lung
+    is then outside the scan, and volumes and percentages are of the scanned part only."""
+    spacing = [float(v) for v in spacing_zyx]
+    names = [("its lowest slice", "its highest slice"),
+             ("the front of the field of view", "the back of the field of view"),
+             ("the right side of the field of view", "the left side of the field of view")]
+    inside = lungs > 0
+    cut = []
+    for axis, (low, high) in enumerate(names):
+        counts = np.count_nonzero(inside, axis=tuple(a for a in range(3) if a != axis))
+        pixel_mm2 = float(np.prod([s for a, s in enumerate(spacing) if a != axis]))
+        limit = max(_EDGE_SHARE * counts.max(initial=0), _EDGE_AREA_MM2 / pixel_mm2)
+        cut += [where for where, count in ((low, counts[0]), (high, counts[-1])) if count > 0 and count >= limit]
+    if not cut:
+        return None
+    return (f"the lungs reach the edge of the scan ({', '.join(cut)}): part of the lungs may lie outside it; "
+            "volumes and infected percentages are of the scanned part only")
 
 
 def _model_record(model) -> dict[str, str]:

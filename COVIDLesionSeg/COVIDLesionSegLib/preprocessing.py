@@ -278,6 +278,28 @@ def resize_slices(slices: Any, size: Sequence[int], mode: str = "bilinear") -> A
     return t.numpy().astype(np.float32, copy=False) if is_numpy else t
 
 
+def square_padding(h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((top, bottom), (left, right))`` that centre an ``h x w`` slice in a square of side ``max(h, w)``."""
+    side = max(h, w)
+    return ((side - h) // 2, side - h - (side - h) // 2), ((side - w) // 2, side - w - (side - w) // 2)
+
+
+def pad_to_square(slices: np.ndarray, value: float = -1024.0) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Pad a stack ``(n, h, w)`` to ``(n, s, s)``, ``s = max(h, w)``, with ``value`` (air in HU), and return
+    the ``(rows, cols)`` slices that cut the original back out.
+
+    Why: the 2D networks see whole axial slices resized to a square (the COVID-19-CT-Seg slices were square
+    512 x 512 reconstructions). A scan cropped to the body (e.g. 429 x 225) would otherwise be stretched
+    two-fold in one direction, a shape no training slice had; padding keeps the anatomy's proportions.
+    """
+    slices = np.asarray(slices)
+    (t, b), (le, r) = square_padding(*slices.shape[-2:])
+    if t == b == le == r == 0:
+        return slices, (slice(None), slice(None))
+    padded = np.pad(slices, ((0, 0), (t, b), (le, r)), constant_values=value)
+    return padded, (slice(t, t + slices.shape[-2]), slice(le, le + slices.shape[-1]))
+
+
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
     """Grid size after resampling ``shape`` at ``spacing`` to ``new_spacing`` (same physical extent)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))

@@ -24,6 +24,21 @@ import SimpleITK as sitk
 CANONICAL_ORIENTATION = "LPS"
 
 
+def stable_spacing(spacing) -> tuple[float, ...]:
+    """Voxel spacing as the algorithms use it: each value rounded to the nearest float32 (returned as floats).
+
+    Why: the algorithms turn millimetres into whole voxels (block factors, kernel radii with ``round``) and
+    compare distance maps with thresholds in mm (``depth > 2.0``, ``distance <= 10.0``). Header spacings such
+    as 2.0, 4.0 or 8.0 mm sit exactly on those ties, so the 1e-14 mm of floating-point noise that a format
+    conversion, a resample or a different reader adds used to flip a kernel radius or a distance test and
+    move a lung by ~2-4 mL and the infection by up to ~12 mL (issue 11, item 3). Rounding to float32 (the
+    precision NIfTI stores, ~1e-7 relative: 0.1 um on a 1 mm voxel) maps every such representation of one
+    header value to the same number, so results are bit-identical; the volumes it changes are far below the
+    reported 0.001 mL. Output files keep the input's exact geometry (:meth:`CTVolume.to_input_geometry`).
+    """
+    return tuple(float(np.float32(s)) for s in spacing)
+
+
 def orientation_code(image: sitk.Image) -> str:
     """Three-letter DICOM orientation code of an image (e.g. "LPS", "RAI")."""
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
@@ -70,12 +85,12 @@ class CTVolume:
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
-        """Voxel spacing in mm in array axis order (z, y, x)."""
-        return tuple(reversed(self.image.GetSpacing()))  # type: ignore[return-value]
+        """Voxel spacing in mm in array axis order (z, y, x), as the algorithms use it (:func:`stable_spacing`)."""
+        return stable_spacing(reversed(self.image.GetSpacing()))  # type: ignore[return-value]
 
     @property
     def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.image.GetSpacing())) / 1000.0
+        return float(np.prod(self.spacing_zyx)) / 1000.0
 
     def canonical_image_from_array(self, array: np.ndarray) -> sitk.Image:
         """Wrap a (z, y, x) array computed on the canonical grid as an image with canonical geometry."""

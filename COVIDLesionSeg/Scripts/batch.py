@@ -5,6 +5,7 @@ Runs inside Slicer::
 
     Slicer --no-splash --no-main-window --python-script batch.py --input DIR_OR_FILES... --output DIR
            [--model ID] [--lung-model ID] [--device auto|cpu|cuda] [--lungs-only] [--overwrite]
+           [--allow-slice-gaps]
 
 and under plain Python with ``pip install slicer-core`` (same options). Each input is a CT file (NIfTI,
 NRRD, MHA) or a DICOM series folder; a folder of CT files is expanded to its files and its DICOM
@@ -15,11 +16,14 @@ segmented by the module logic in blocking mode, and written as
 - ``OUTPUT/<case>.seg.nrrd`` through ``vtkMRMLSegmentationStorageNode`` (three named, coloured segments with
   terminology, on the input's grid),
 - ``OUTPUT/<case>.json`` (the engine's report),
-- one row in ``OUTPUT/results.csv`` (the same columns as the ``covidlesionseg`` command line).
+- the case's row in ``OUTPUT/results.csv`` (the same columns and writer as the ``covidlesionseg`` command line:
+  one row per case, replaced in place by a rerun).
 
-A failed case is reported (stderr and a ``failed`` row in results.csv) and the batch goes on. The exit status
-is 0 when every case succeeded, 1 when any failed, 2 for bad arguments or no input found; the script always
-ends with ``sys.exit`` so that Slicer quits.
+A case's files appear together or not at all (``outputs.CaseWriter``); the output folder is checked before
+any case runs. A failed case is reported (stderr and a ``failed`` row in results.csv, unless a complete earlier
+result of the case is there) and the batch goes on; a full disk stops it. The exit status is 0 when every case
+succeeded, 1 when any failed (or the output folder cannot be written), 2 for bad arguments or no input found;
+the script always ends with ``sys.exit`` so that Slicer quits.
 """
 
 import argparse
@@ -32,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
-from COVIDLesionSegLib.cli import add_model_options  # noqa: E402
+from COVIDLesionSegLib.cli import add_model_options, device_note  # noqa: E402
 from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
 
 
@@ -50,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT files, DICOM series folders, or folders holding them")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
     add_model_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs and results.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their results.csv rows)")
+    p.add_argument("--allow-slice-gaps", action="store_true",
+                   help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
     return p
 
 
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 class SceneContext:
     """The MRML scene to work in: Slicer's own, or a standalone one (plain Python with slicer-core)."""
 
-    def __init__(self):
+    def __init__(self, allow_slice_gaps: bool = False):
+        self.allow_slice_gaps = allow_slice_gaps
         self.in_app = in_slicer_app()
         if self.in_app:
             import slicer
@@ -105,10 +112,11 @@ class SceneContext:
                 node.SetName(name)
                 return node
         # Plain Python (or a folder Slicer's DICOM plugins cannot load): the engine's series reader, which
-        # picks the largest series, orders slices along the normal and reports tilt / uneven spacing.
+        # picks the CT series with the most slices, orders slices along the normal, refuses missing slices
+        # (unless --allow-slice-gaps) and reports tilt / uneven spacing.
         from COVIDLesionSegLib.mrml import volume_node_from_image
 
-        image, notes = engine_io.read_image(folder)
+        image, notes = engine_io.read_image(folder, allow_slice_gaps=self.allow_slice_gaps)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         return volume_node_from_image(image, self.scene, name)
@@ -150,10 +158,10 @@ def _voxel_count(node) -> int:
 
 
 def save_segmentation(segmentation_node, path: Path) -> Path:
-    """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic: temporary file, then rename)."""
+    """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic and read back before the rename)."""
     import slicer
 
-    from COVIDLesionSegLib.outputs import atomic_write
+    from COVIDLesionSegLib.outputs import atomic_write, verify_nrrd
 
     def write(tmp: Path) -> None:
         storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -162,31 +170,27 @@ def save_segmentation(segmentation_node, path: Path) -> Path:
         if not storage.WriteData(segmentation_node):
             raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, verify_nrrd)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
 
-def _results_row(case: str, status: str, source, report=None, seconds=None, error="") -> dict:
-    """One results.csv row with the command line's columns (``outputs.RESULTS_COLUMNS``)."""
-    from COVIDLesionSegLib import outputs, quantify
+def _case_writer(output: Path, name: str, overwrite: bool):
+    from COVIDLesionSegLib import outputs
 
-    seconds = None if seconds is None else round(seconds, 3)
-    row = {"case": case, "status": status, "source": str(source), "input": str(source), "error": error,
-           "seconds": seconds, "seconds_total": seconds}
-    if report is not None:
-        models = report.get("models", {})
-        main = models.get("infection", models.get("lungs", {}))
-        row.update({"lung_model": models.get("lungs", {}).get("id", ""),
-                    "infection_model": models.get("infection", {}).get("id", ""),
-                    "model_id": " + ".join(m.get("id", "") for m in models.values()),
-                    "model_version": " + ".join(str(m.get("version", "")) for m in models.values()),
-                    "device": main.get("device", "")})
-        row.update(quantify.flatten_for_csv(report["quantification"]))
-    # The row offers the column names of every results.csv layout the engine used; keep the current ones.
-    return {k: v for k, v in row.items() if k in outputs.RESULTS_COLUMNS}
+    return outputs.CaseWriter(output, name, {"segmentation": f"{name}.seg.nrrd", "report": f"{name}.json"},
+                              overwrite=overwrite)
+
+
+def _record_failure(writer, case, message: str, started: float) -> None:
+    from COVIDLesionSegLib import outputs
+
+    try:
+        writer.record_failure(outputs.failed_row(writer.name, case, message, time.perf_counter() - started))
+    except Exception as csv_exc:  # noqa: BLE001 - the console still has the failure
+        print(f"  (results.csv not updated: {csv_exc})", file=sys.stderr)
 
 
 def run_batch(args) -> int:
@@ -195,17 +199,24 @@ def run_batch(args) -> int:
     from COVIDLesionSegLib.slicer_logic import SegmentationLogic
     from COVIDLesionSegLib.worker import classify_error
 
-    cases = engine_io.expand_inputs(args.input)
+    output = Path(args.output)
+    try:
+        outputs.prepare_output_folder(output)       # before any case: a read-only folder fails at once
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    cases, skipped = outputs.skip_own_outputs(engine_io.expand_inputs(args.input), output)
+    if skipped:
+        print(f"skipped {len(skipped)} input(s) that are this tool's outputs in {output}", file=sys.stderr)
     if not cases:
         print("error: no CT files or DICOM series folders found in the inputs", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    results_csv = output / "results.csv"
-    if args.overwrite and results_csv.exists():
-        results_csv.unlink()
+    note = device_note(args)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    results_csv = output / outputs.RESULTS_FILE
 
-    context = SceneContext()
+    context = SceneContext(allow_slice_gaps=args.allow_slice_gaps)
     logic = SegmentationLogic(context.scene)
     names = engine_io.unique_case_names(cases)
     failures = []
@@ -213,7 +224,7 @@ def run_batch(args) -> int:
         print(f"[{index + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         volume = run = None
-        seg_path, json_path = output / f"{name}.seg.nrrd", output / f"{name}.json"
+        writer = _case_writer(output, name, args.overwrite)
         last_stage = [None]
 
         def on_progress(progress, last_stage=last_stage):
@@ -222,36 +233,37 @@ def run_batch(args) -> int:
                 print(f"  {progress.stage}...", file=sys.stderr, flush=True)
 
         try:
-            if not args.overwrite:
-                outputs.check_outputs_free([seg_path, json_path], overwrite=False)
+            for message in writer.check_free():
+                print(f"  note: {message}", file=sys.stderr)
             volume = context.load(case, name)
             run = logic.process(volume, None, model=args.model or None, device=args.device,
                                 lungsOnly=args.lungs_only, waitForCompletion=True, progressCallback=on_progress,
                                 lungModel=args.lung_model or None)
-            save_segmentation(run.result.segmentation_node, seg_path)
             report = dict(run.result.report)
             report["case"] = name
             report.setdefault("input", {})["source"] = str(case)
-            outputs.write_json_report(json_path, report)
-            seconds = time.perf_counter() - started
-            outputs.append_results_row(results_csv, _results_row(name, "ok", case, report, seconds))
-            print(f"  done in {seconds:.1f} s -> {seg_path}", file=sys.stderr, flush=True)
+            with writer:
+                save_segmentation(run.result.segmentation_node, writer.staging_path("segmentation"))
+                seconds = time.perf_counter() - started
+                writer.commit(report, outputs.results_row(report, seconds))
+            for note in outputs.report_notes(report):
+                print(f"  note: {note}", file=sys.stderr)
+            print(f"  done in {seconds:.1f} s -> {writer.final_path('segmentation')}", file=sys.stderr, flush=True)
         except (KeyboardInterrupt, Cancelled):
             print("cancelled", file=sys.stderr)
             return 130
+        except outputs.OutputExistsError as exc:  # a complete result is there: its row stays as it is
+            failures.append((str(case), str(exc)))
+            print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
+        except outputs.OutputWriteError as exc:   # a full disk: every later case would fail the same way
+            _record_failure(writer, case, str(exc), started)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
-            if isinstance(exc, (CovidLesionSegError, FileExistsError)):
-                message = str(exc)
-            else:
-                message = classify_error(exc)[1]
+            message = str(exc) if isinstance(exc, CovidLesionSegError) else classify_error(exc)[1]
             failures.append((str(case), message))
             print(f"  FAILED: {message}", file=sys.stderr, flush=True)
-            try:
-                outputs.append_results_row(results_csv, _results_row(name, "failed", case,
-                                                                     seconds=time.perf_counter() - started,
-                                                                     error=message))
-            except Exception as csv_exc:  # noqa: BLE001
-                print(f"  (results.csv not updated: {csv_exc})", file=sys.stderr)
+            _record_failure(writer, case, message, started)
         finally:
             if run is not None and run.result is not None:
                 context.remove(run.result.segmentation_node, run.result.table_node)

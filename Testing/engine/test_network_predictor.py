@@ -416,3 +416,27 @@ def test_registered_architecture_segments_a_real_ct(tmp_path, real_ct, arch_id):
     mask_image = vol.to_input_geometry((prob >= 0.5).astype(np.uint8))
     source = sitk.ReadImage(str(shared_file("ct/covidctmd_p001_ct.nii.gz")))
     assert Geometry.of(mask_image) == Geometry.of(source)
+
+
+def test_a_checkpoint_s_postprocess_is_applied_by_the_predictor(tmp_path):
+    """output.postprocess (postprocess.py) in the checkpoint: the predictor drops what it removes."""
+    from COVIDLesionSegLib.models.checkpoint import CheckpointError
+
+    hu = np.full((20, 40, 40), -850.0, dtype=np.float32)
+    hu[5:10, 5:15, 5:15] = -300.0            # 500 voxels of 2 uL = 1 mL: a lesion
+    hu[15, 30:32, 30:35] = -300.0            # 10 voxels = 0.02 mL: a speck
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    volume = CTVolume.from_image(image)
+    lungs = np.ones(hu.shape, dtype=np.uint8)
+    raw = NetworkInfectionModel(_checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="raw"),
+                                device="cpu").predict(volume, lungs) >= 0.5
+    assert raw[15, 30:32, 30:35].all() and raw[5:10, 5:15, 5:15].all()     # the network marks both
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="pp",
+                       output={"activation": "sigmoid", "postprocess": {"min_component_ml": 0.1}})
+    model = NetworkInfectionModel(path, device="cpu")
+    kept = model.predict(volume, lungs) >= model.info.threshold
+    assert not kept[15].any() and np.array_equal(kept[5:10], raw[5:10])
+    with pytest.raises(CheckpointError, match="postprocess"):
+        _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="bad",
+                    output={"activation": "sigmoid", "postprocess": {"min_component_ml": -1}})

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
 from COVIDLesionSegLib import outputs
-from COVIDLesionSegLib.outputs import (OutputExistsError, ResultsHeaderMismatchError, append_results_row,
+from COVIDLesionSegLib.outputs import (OutputExistsError, ResultsHeaderMismatchError, update_results_row,
                                        atomic_write, check_outputs_free, compose_labelmap, ijk_to_ras_matrix,
                                        read_results_csv, read_segment_tags, read_segmentation_nrrd,
                                        write_json_report, write_labelmap, write_segmentation_nrrd)
@@ -430,12 +430,12 @@ def test_json_report_writes_nan_as_null_and_numpy_as_plain(tmp_path):
     assert not (tmp_path / "bad.json").exists() and not partial_files(tmp_path)
 
 
-def test_results_csv_appends_rows_with_fixed_columns(tmp_path):
+def test_results_csv_keeps_one_row_per_case_with_fixed_columns(tmp_path):
     csv_path = tmp_path / "results.csv"
-    append_results_row(csv_path, {"case": "a", "status": "ok", "right_lung_ml": 1234.5,
+    update_results_row(csv_path, {"case": "a", "status": "ok", "right_lung_ml": 1234.5,
                                   "right_infected_pct": float("nan")})
     first = csv_path.read_bytes()
-    append_results_row(csv_path, {"case": "b,with comma", "status": "failed", "error": "bad input\nsecond line"})
+    update_results_row(csv_path, {"case": "b,with comma", "status": "failed", "error": "bad input\nsecond line"})
     assert csv_path.read_bytes().startswith(first)  # earlier rows kept byte for byte
     rows = read_results_csv(csv_path)
     assert [r["case"] for r in rows] == ["a", "b,with comma"]
@@ -445,8 +445,14 @@ def test_results_csv_appends_rows_with_fixed_columns(tmp_path):
     assert set(CSV_COLUMNS) <= set(outputs.RESULTS_COLUMNS)
     assert outputs.RESULTS_COLUMNS[:2] == ("case", "status")
 
+    # A case's row is replaced in place, not added again.
+    update_results_row(csv_path, {"case": "a", "status": "failed", "error": "again"})
+    rows = read_results_csv(csv_path)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "failed"), ("b,with comma", "failed")]
+    assert rows[0]["right_lung_ml"] == ""
+
     with pytest.raises(ValueError, match="not results.csv columns"):
-        append_results_row(csv_path, {"case": "c", "colour": "red"})
+        update_results_row(csv_path, {"case": "c", "colour": "red"})
 
 
 def test_results_csv_header_mismatch_is_refused(tmp_path):
@@ -454,13 +460,37 @@ def test_results_csv_header_mismatch_is_refused(tmp_path):
     csv_path.write_text("case,status,volume\nold,ok,3\n")
     before = csv_path.read_bytes()
     with pytest.raises(ResultsHeaderMismatchError, match="different columns") as info:
-        append_results_row(csv_path, {"case": "new"})
+        update_results_row(csv_path, {"case": "new"})
     assert "volume" in str(info.value)
     assert csv_path.read_bytes() == before and not partial_files(tmp_path)
 
     # Custom columns work, and a reordered header is also refused.
     custom = tmp_path / "custom.csv"
-    append_results_row(custom, {"b": 2, "a": 1}, columns=["a", "b"])
+    update_results_row(custom, {"b": 2, "a": 1}, columns=["a", "b"])
     with pytest.raises(ResultsHeaderMismatchError, match="different order"):
-        append_results_row(custom, {"a": 1}, columns=["b", "a"])
+        update_results_row(custom, {"a": 1}, columns=["b", "a"])
     assert custom.read_text().splitlines() == ["a,b", "1,2"]
+
+
+def test_read_back_checks_catch_truncated_and_altered_files(tmp_path):
+    """What the writers check before a rename: a cut or changed file (as a full disk leaves it) is refused."""
+    geometry = oblique_geometry()
+    masks = known_masks(geometry)
+    labels = compose_labelmap(*masks.values())
+    nifti = write_labelmap(tmp_path / "case_labels.nii.gz", labels, geometry)
+    segmentation = write_segmentation_nrrd(tmp_path / "case.seg.nrrd", masks, geometry)
+    outputs.verify_nifti(nifti, labels)
+    outputs.verify_nrrd(segmentation)
+    data = nifti.read_bytes()
+    nifti.write_bytes(data[: len(data) // 2])
+    with pytest.raises(outputs.OutputWriteError, match="ends early"):
+        outputs.verify_nifti(nifti, labels)
+    altered = labels.copy()
+    altered[0, 0, 0] = 3 - altered[0, 0, 0]
+    nifti.write_bytes(data)
+    with pytest.raises(outputs.OutputWriteError, match="differ"):
+        outputs.verify_nifti(nifti, altered)
+    seg = segmentation.read_bytes()
+    segmentation.write_bytes(seg[: len(seg) - 40])
+    with pytest.raises(outputs.OutputWriteError, match="could not be written completely"):
+        outputs.verify_nrrd(segmentation)

@@ -138,7 +138,9 @@ def test_batch_continues_past_a_failed_case_and_exits_nonzero(tmp_path, capsys):
     assert (out / "phantom.seg.nrrd").is_file() and (out / "phantom_labels.nii.gz").is_file()
     assert not list(out.glob("broken*")) and not list(out.glob("windowed*"))
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["case"] for r in rows] == ["phantom"]
+    # Failed cases are in the record too (issue 11, item 9), with their reason.
+    assert [(r["case"], r["status"]) for r in rows] == [("broken", "failed"), ("phantom", "ok"), ("windowed", "failed")]
+    assert "already windowed" in rows[2]["error"]
 
 
 def test_existing_outputs_are_not_overwritten_without_flag(tmp_path, capsys):

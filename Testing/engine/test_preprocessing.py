@@ -249,3 +249,15 @@ def test_bounding_box_and_margin():
     assert pp.bounding_box(m, (1, 10, 2)) == (slice(2, 6), slice(0, 19), slice(8, 22))
     assert pp.bounding_box(np.zeros((2, 2), bool)) is None
     assert pp.margin_voxels(10.0, (2.5, 0.7, 0.7)) == (4, 15, 15)
+
+
+def test_pad_to_square_centres_the_slice_in_air_and_cuts_it_back():
+    from COVIDLesionSegLib.preprocessing import pad_to_square
+
+    x = np.arange(2 * 3 * 7, dtype=np.float32).reshape(2, 3, 7)
+    padded, inside = pad_to_square(x)
+    assert padded.shape == (2, 7, 7)
+    assert np.array_equal(padded[:, inside[0], inside[1]], x)
+    assert (padded[:, :2] == -1024).all() and (padded[:, 5:] == -1024).all()   # 2 rows above, 2 below
+    same, whole = pad_to_square(np.zeros((1, 4, 4)))
+    assert same.shape == (1, 4, 4) and whole == (slice(None), slice(None))

@@ -34,3 +34,31 @@ def test_build_adds_the_lung_slices_of_a_real_scan_as_one_negative_group(tmp_pat
         build(tmp_path, slices, scan, group=20)
     with pytest.raises(ValueError, match="already used"):
         build(tmp_path / "again", slices, scan, group=3)
+
+
+def test_hu_domain_with_synthetic_lesions_and_repeated_negatives(tmp_path):
+    """The HU-domain training folder: a host's lung slices (negatives, repeated) and the lesion slices of a
+    synthetic copy with their exact masks, through the fixed HU window; no COVID-19-CT-Seg slices."""
+    from training.hard_negatives import HU_WINDOW, main
+
+    scan = shared_file("ct/lungptctdx_a0002_ct.nii.gz")        # 30 slices of 8 mm: fast
+    shared_file("covid19ctseg2d/covid19ctseg2d.npz")              # the shape bank
+    assert main([str(tmp_path), "--slices", "none", "--domain", "hu", "--scan", str(scan), "--synthetic", "2",
+                 "--negative-repeat", "2", "--seed", "4"]) == 0
+    out = np.load(tmp_path / "covid19ctseg2d.npz")
+    rows = list(csv.DictReader((tmp_path / "slices.csv").open(newline="")))
+    kinds = np.array([r["kind"] for r in rows])
+    neg, syn = kinds == "negative", kinds == "synthetic"
+    assert neg.sum() % 2 == 0 and neg.sum() >= 40 and syn.sum() >= 1   # 2 copies of ~27 lung slices
+    assert not out["infection"][neg].any() and out["infection"][syn].reshape(syn.sum(), -1).any(axis=1).all()
+    half = neg.sum() // 2
+    assert np.array_equal(out["images"][np.flatnonzero(neg)[:half]], out["images"][np.flatnonzero(neg)[half:]])
+    # HU through the fixed window: air (-1024 HU and below) is 0, soft tissue (~40 HU) about 191.
+    lo, hi = HU_WINDOW["lo"], HU_WINDOW["hi"]
+    assert out["images"][neg].min() == 0 and abs(np.median(out["images"][neg]) - 0) < 200
+    assert round((40 - lo) / (hi - lo) * 255) == 191
+    # Synthetic lesion pixels are denser than the lung around them.
+    lesion = out["infection"][syn] > 0
+    lung = (out["lung"][syn] > 0) & ~lesion
+    assert out["images"][syn][lesion].mean() > out["images"][syn][lung].mean() + 10
+    assert main([str(tmp_path), "--slices", "none", "--domain", "hu", "--scan", str(scan)]) == 2  # no overwrite

@@ -19,7 +19,8 @@ Format (``format_version`` 1)::
                  "orientation": "LPS",                   # canonical array orientation the model expects
                  "crop": "none" | "lung_bbox"},          # optional, 2D: in-plane crop before resizing
       "labels": {"0": "background", "1": "infection"},   # output channel index (as str) -> name
-      "output": {"activation": "sigmoid" | "softmax", "foreground_channel": k, "threshold": 0.5},
+      "output": {"activation": "sigmoid" | "softmax", "foreground_channel": k, "threshold": 0.5,
+                 "postprocess": {"min_component_ml": .., "min_hu": .., "max_hu": ..}},  # optional (postprocess.py)
       "task": "infection" | "lungs",
       "model_id": "...", "version": "...", "description": "...",
       "provenance": {"data": ..., "protocol": ..., "epochs": ..., "metrics": {...held-out...},
@@ -60,6 +61,7 @@ from typing import Any, Mapping
 import torch
 
 from ..outputs import atomic_write
+from ..postprocess import InfectionPostprocess
 
 FORMAT = "covidlesionseg-checkpoint"
 FORMAT_VERSION = 1
@@ -192,6 +194,10 @@ def _validate_metadata(meta: dict[str, Any]) -> None:
     thr = out.get("threshold", 0.5)
     if not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise bad(f"output.threshold must be a number in [0, 1], got {thr!r}")
+    try:
+        InfectionPostprocess.from_spec(out.get("postprocess"))
+    except (TypeError, ValueError) as exc:
+        raise bad(f"output.postprocess: {exc}") from None
     if meta["task"] not in TASKS:
         raise bad(f"task must be one of {TASKS}, got {meta['task']!r}")
     for key in ("model_id", "version", "description"):

@@ -1,0 +1,105 @@
+"""Post-processing of a learned infection mask: rules that generalise from one scan to the next.
+
+A 2D network decides slice by slice, so its false positives on healthy lung are small and isolated: specks
+on a vessel crossing, a stretch of fissure, partial volume at the diaphragm (docs/default_models.md).
+Real COVID-19 opacities are three-dimensional patches of centimetres (Pan et al., Radiology 2020;295:715;
+Chung et al., Radiology 2020;295:202) with an attenuation above aerated lung. Three rules, each a
+checkpoint setting (``output.postprocess``) chosen on validation data only (never on the external scans):
+
+* ``min_hu``: voxels whose HU (after a Gaussian of ``smoothing_mm``, so single noisy voxels do not
+  decide) lies below this are not opacity. Well-aerated lung ends at about -700 HU (Colombi et al.,
+  Radiology 2020;296:E86); ground glass starts about 100 HU above the lung around it.
+* ``min_rise_hu``: the same floor relative to the scan's own lung: voxels must lie at least this far above
+  the median HU of the lung mask. Inflation changes the lung's baseline (a free-breathing PET/CT lung sits
+  100 HU or more above a full-inspiration diagnostic scan), and opacity is defined against the lung around
+  it (Fleischner glossary: "hazy increased attenuation").
+* ``max_hu``: voxels above this (contrast-filled vessels, calcification, bone at the lung border) are not
+  infection either (Gattinoni's non-aerated compartment ends at +100 HU).
+* ``min_component_ml``: 3D connected components (26-connected) smaller than this are removed: a
+  reportable lesion is a volume, a speck on one or two slices is not.
+
+The HU rules run first, so that a component is measured by what remains of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .preprocessing import bounding_box
+
+
+@dataclass(frozen=True)
+class InfectionPostprocess:
+    """Rules applied to a binary infection mask; every default leaves the mask as it is."""
+
+    min_component_ml: float = 0.0
+    min_hu: Optional[float] = None
+    min_rise_hu: Optional[float] = None
+    max_hu: Optional[float] = None
+    smoothing_mm: float = 1.0
+
+    @classmethod
+    def from_spec(cls, spec: Optional[Mapping[str, Any]]) -> "InfectionPostprocess":
+        if not spec:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"unknown post-processing setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        rule = cls(**dict(spec))
+        if rule.min_component_ml < 0 or rule.smoothing_mm < 0:
+            raise ValueError(f"post-processing sizes must be >= 0, got {rule}")
+        if rule.min_hu is not None and rule.max_hu is not None and rule.min_hu >= rule.max_hu:
+            raise ValueError(f"post-processing min_hu ({rule.min_hu}) must be below max_hu ({rule.max_hu})")
+        return rule
+
+    def to_spec(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.min_component_ml <= 0 and self.min_hu is None and self.max_hu is None
+                and self.min_rise_hu is None)
+
+    def apply(self, mask: np.ndarray, hu: np.ndarray, spacing_zyx: Sequence[float],
+              lungs: Optional[np.ndarray] = None) -> np.ndarray:
+        """The kept part of ``mask`` (bool, same shape as ``hu``); ``lungs`` (the lung mask) is needed for
+        ``min_rise_hu``."""
+        mask = np.asarray(mask, dtype=bool)
+        if self.is_identity or not mask.any():
+            return mask.copy()
+        spacing_xyz = tuple(float(s) for s in reversed(spacing_zyx))
+        box = bounding_box(mask, [int(math.ceil(3 * self.smoothing_mm / s)) + 1 for s in spacing_zyx])
+        kept = mask[box].copy()
+        floor = self.min_hu
+        if self.min_rise_hu is not None:
+            if lungs is None:
+                raise ValueError("min_rise_hu needs the lung mask")
+            lung_values = np.asarray(hu)[np.asarray(lungs) > 0]
+            baseline = float(np.median(lung_values[:: max(1, lung_values.size // 500000)]))
+            floor = max(floor if floor is not None else -np.inf, baseline + self.min_rise_hu)
+        if floor is not None or self.max_hu is not None:
+            img = sitk.GetImageFromArray(np.asarray(hu[box], dtype=np.float32))
+            img.SetSpacing(spacing_xyz)
+            # GetArrayFromImage copies: a view of a temporary image would dangle once the image is freed.
+            smooth = (sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, self.smoothing_mm))
+                      if self.smoothing_mm > 0 else np.asarray(hu[box], dtype=np.float32))
+            if floor is not None:
+                kept &= smooth >= floor
+            if self.max_hu is not None:
+                kept &= smooth <= self.max_hu
+        if self.min_component_ml > 0 and kept.any():
+            img = sitk.GetImageFromArray(kept.astype(np.uint8))
+            img.SetSpacing(spacing_xyz)
+            voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+            labels = sitk.ConnectedComponent(img, True)   # full (26-)connectivity
+            min_voxels = int(math.ceil(self.min_component_ml / voxel_ml - 1e-9))
+            kept = sitk.GetArrayFromImage(sitk.RelabelComponent(labels, min_voxels)) > 0
+        out = np.zeros_like(mask)
+        out[box] = kept
+        return out
