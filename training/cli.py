@@ -6,6 +6,7 @@ Commands::
     python -m training cv CONFIG [--out RUNS] [--folds 0,1] [--resume] [--device ...] [--set ...]
     python -m training table RUNS... [--markdown OUT.md] [--csv OUT.csv] [--metrics dsc,nsd,...]
     python -m training export RUN [-o FILE] [--half] [--which best|last] [--model-id ID]
+    python -m training dryrun CONFIG... | --all [--out DIR]   # every stage at tiny size (training/dryrun.py)
     python -m training procedures        # the registered procedures
     python -m training configs           # the configs in training/configs
 
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     # Listed for the help text; main() hands its arguments to training.synthesis.main.
     sub.add_parser("synthesize", add_help=False,
                    help="insert synthetic COVID-19-like lesions into a real HU scan (scan + exact mask)")
+
+    d = sub.add_parser("dryrun", help="run full-scale configs through all their stages at tiny size on the CPU "
+                       "(training/dryrun.py)")
+    d.add_argument("configs", nargs="*", help="config files or names in training/configs")
+    d.add_argument("--all", action="store_true", help="every paper config (not *_cpu, not _* bases)")
+    d.add_argument("--out", default=None, help="keep the runs, stand-in data and dryrun.json here (default: a "
+                   "temporary folder, removed)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--standins-only", action="store_true", help="generated stand-ins even where real data exist")
 
     sub.add_parser("procedures", help="list the registered training procedures")
     sub.add_parser("configs", help="list the configs in training/configs")
@@ -158,6 +168,22 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_dryrun(args) -> int:
+    from training import dryrun
+
+    names = dryrun.paper_configs() if args.all else list(args.configs)
+    if not names:
+        _err("dryrun: name one or more configs, or --all")
+        return EXIT_USAGE
+    report = dryrun.run(names, out=args.out, device=args.device, use_real=not args.standins_only)
+    for name, rec in report["configs"].items():
+        print(f"{'ok    ' if rec['status'] == 'ok' else 'FAILED'} {name:44s} {rec['wall_s']:7.1f} s  "
+              f"{len(rec['stages'])} stage(s)" + (f"  {rec['error']}" if rec.get("error") else ""), flush=True)
+    print(f"dry run of {len(report['configs'])} config(s): {'ok' if report['ok'] else 'FAILED'} in "
+          f"{report['wall_s']:.0f} s", flush=True)
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
 def cmd_procedures(args) -> int:
     from training.procedures import procedures
 
@@ -199,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_synthesize(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "cv": cmd_cv, "table": cmd_table, "export": cmd_export,
-                "procedures": cmd_procedures, "configs": cmd_configs}
+                "procedures": cmd_procedures, "configs": cmd_configs, "dryrun": cmd_dryrun}
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:

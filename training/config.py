@@ -23,7 +23,8 @@ the procedure class (:attr:`training.procedures.Procedure.options`)::
 
     name: <file stem>        description: ""      paper: ""       seed: 0       task: infection | lungs
     procedure: {name: supervised, ...procedure options}
-    model:     {arch, args: {}, init: null (engine or training checkpoint to start from), init_strict: true}
+    model:     {arch, args: {}, init: null (engine or training checkpoint to start from), init_strict: true,
+                init_preprocessing: true (3D: reuse model.init's spacing and z-score, see Trainer._prepare_3d)}
     data:      DATASET (the target / COVID-19 data)
     aux_data:  {name: DATASET, ...}  (extra data sets a procedure uses, e.g. non-COVID lesions)
     protocol:  {name: all | fixed | ctseg2d | ctseg2d_kfold | covid19ctseg | kfold | holdout, fold: 0, n_folds: 5, seed: 0,
@@ -40,7 +41,9 @@ the procedure class (:attr:`training.procedures.Procedure.options`)::
                 checkpoint_every: 1, progress: true}
     eval:      {metrics: [dsc, nsd, sensitivity, specificity, precision, f1, accuracy, voe, rvd],
                 val_metrics: [dsc], tau_mm: 3.0, threshold: 0.5, unit: case | group, test: true,
-                batch_size: 4, overlap: 0.5, max_val_cases: null}
+                batch_size: 4, overlap: 0.5, max_val_cases: null, grid: network | native (2D: score at the
+                network's input size, or on each slice's native grid - see Trainer.evaluate),
+                empty_rule: null | both_empty | no_positive_prediction (004's "all metrics 1" rule)}
     export:    {model_id: null, version: "1", description: "", input: {}, labels: null, output: {},
                 provenance: {}}
 
@@ -105,7 +108,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "task": "infection",
     "procedure": {"name": "supervised", "__procedure__": True},
-    "model": {"arch": None, "args": FREE, "init": None, "init_strict": True},
+    "model": {"arch": None, "args": FREE, "init": None, "init_strict": True, "init_preprocessing": True},
     "data": DATASET_DEFAULTS,
     "aux_data": {"__mapping_of__": DATASET_DEFAULTS},
     "protocol": {"name": "all", "fold": 0, "n_folds": 5, "seed": 0, "val_fraction": 0.0, "train": None,
@@ -120,7 +123,7 @@ DEFAULTS: dict[str, Any] = {
               "checkpoint_every": 1, "progress": True},
     "eval": {"metrics": ["dsc", "nsd", "sensitivity", "specificity", "precision", "f1", "accuracy", "voe", "rvd"],
              "val_metrics": ["dsc"], "tau_mm": 3.0, "threshold": 0.5, "unit": "case", "test": True,
-             "batch_size": 4, "overlap": 0.5, "max_val_cases": None},
+             "batch_size": 4, "overlap": 0.5, "max_val_cases": None, "grid": "network", "empty_rule": None},
     "export": {"model_id": None, "version": "1", "description": "", "input": FREE, "labels": None,
                "output": FREE, "provenance": FREE},
 }
@@ -134,6 +137,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("auto", "fp16", "bf16", "none"),
     "train.select_mode": ("auto", "max", "min"),
     "eval.unit": ("case", "group"),
+    "eval.grid": ("network", "native"),
+    "eval.empty_rule": ("both_empty", "no_positive_prediction"),
     "data.cache": ("memory", "disk", "none"),
 }
 

@@ -17,7 +17,9 @@ stopped (a run cut in the middle restarts from its ``last.pt``)::
 
 writes ``OUT/<config name>/fold<k>`` (pre-training: ``OUT/<config name>``), ``OUT/table.md``,
 ``OUT/table.csv`` (``training.tables``: per fold and mean +- std over folds, every finished method run in
-OUT), ``OUT/summary.md`` (one row per method beside the papers' numbers: :func:`summary_markdown`) and
+OUT), ``OUT/summary.md`` (one row per method beside the papers' numbers: :func:`summary_markdown`),
+``OUT/reviewer.md`` (per-case spread, bootstrap intervals, paired tests against scratch:
+:func:`reviewer_markdown`) and
 ``OUT/timing.json`` (wall time of every run and of the whole comparison).
 """
 
@@ -129,6 +131,23 @@ def summary_markdown(out: str | Path, methods: Sequence[str] | None = None) -> s
     return "\n".join(lines)
 
 
+def reviewer_markdown(out: str | Path, metrics: Sequence[str] = ("dsc", "nsd")) -> str:
+    """Per-case spread, 95 % bootstrap intervals and paired comparisons against scratch for every finished
+    method in ``out``, with the papers' numbers (``training.tables.reviewer_table``), one table per metric."""
+    from training.runs import RunDir
+    from training.tables import reviewer_table
+
+    out = Path(out)
+    methods = {m: [RunDir(p.parent) for p in sorted((out / cfg).glob("fold*/summary.json")) if RunDir(p.parent).finished]
+               for m, (cfg, _) in METHODS.items()}
+    methods = {m: runs for m, runs in methods.items() if runs}
+    parts = []
+    for metric in metrics:
+        paper = {m: v.get(metric) for m, v in PAPER_NUMBERS.items()}
+        parts.append(f"### {metric.upper()} per test volume group\n\n" + reviewer_table(methods, metric, "scratch", paper))
+    return "\n".join(parts)
+
+
 #: Benchmark cases (``benchmarks/bench_training.py``): case -> the config it times.
 BENCH_CASES: dict[str, str] = {
     "multilesion": PRETRAINING["multilesion"],
@@ -237,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table.markdown(), flush=True)
     (out / "summary.md").write_text(summary_markdown(out) + "\n")
     print(summary_markdown(out), flush=True)
+    (out / "reviewer.md").write_text(reviewer_markdown(out))
     _log(f"done in {timing['last_invocation_wall_s']:.0f} s; tables in {out}/table.md, {out}/table.csv")
     return 0
 

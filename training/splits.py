@@ -80,6 +80,19 @@ def groups_of(cases: Sequence[Case]) -> dict[str, str]:
     return out
 
 
+#: ``Split.meta["disjoint"]`` of protocols that define disjointness per case (volume), not per patient group.
+DISJOINT_BY_CASE = "case"
+
+
+def protocol_groups(split: Split, cases: Sequence[Case]) -> dict[str, str]:
+    """``{case id: unit}`` at the level the split's protocol defines disjointness: the case itself when
+    ``split.meta["disjoint"]`` is :data:`DISJOINT_BY_CASE` (the benchmark's published folds are
+    volume-disjoint only), else the case's group (patient). Pass it to :func:`assert_disjoint`."""
+    if split.meta.get("disjoint") == DISJOINT_BY_CASE:
+        return {c.id: c.id for c in cases}
+    return groups_of(cases)
+
+
 def assert_disjoint(split: Split, groups: Mapping[str, str] | Sequence[Case] | None = None) -> None:
     """Raise ``AssertionError`` when a case id, or (given ``groups``) a group, is on two sides of ``split``.
 
@@ -211,7 +224,8 @@ def with_validation(split: Split, cases: Sequence[Case], fraction: float, seed: 
     kept, held = grouped_holdout(train_cases, fraction, seed)
     out = Split(name=split.name, train=kept, val=tuple(split.val) + held, test=split.test, notes=split.notes,
                 meta={**split.meta, "val_fraction": fraction})
-    assert_disjoint(out, cases)
+    # whole patients move to validation (grouped_holdout), but the test side keeps the protocol's own level
+    assert_disjoint(out, protocol_groups(out, cases))
     return out
 
 
@@ -235,7 +249,9 @@ def covid19ctseg_folds(cases: Sequence[Case] | None = None, split_file: str | No
 
     The published split is volume-disjoint but not patient-disjoint: folds 2 and 4 train on one volume of
     patients 10 and 29 and test on the other. It is kept as published because the papers' numbers come
-    from it; each such fold carries a note, and ``assert_disjoint`` is checked at volume level for it.
+    from it; each such fold carries a note and ``meta["disjoint"] = "case"``, so every check of it (here,
+    :func:`with_validation`, the trainer) is at volume level (:func:`protocol_groups`): a patient-level
+    check would stop the papers' protocol at fold 2.
     """
     if split_file is not None or source == "published":
         folds = read_benchmark_split(split_file) if split_file is not None else \
@@ -255,7 +271,7 @@ def covid19ctseg_folds(cases: Sequence[Case] | None = None, split_file: str | No
             leaked = sorted(train_patients & {group_of(i) for i in test})
             notes = (f"patient(s) {', '.join(leaked)} have volumes in both train and test (as published)",) if leaked else ()
             split = Split(name=f"fold{k}", train=train, test=test, notes=notes,
-                          meta={"fold": k, "protocol": "covid19ctseg_benchmark",
+                          meta={"fold": k, "protocol": "covid19ctseg_benchmark", "disjoint": DISJOINT_BY_CASE,
                                 "source": str(split_file) if split_file else "published"})
             assert_disjoint(split, {i: i for i in train + test})
             splits.append(split)

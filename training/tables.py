@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -192,4 +192,87 @@ def write_tables(table: Table, markdown: str | os.PathLike | None, csv_path: str
     return md, cp
 
 
-__all__ = ["TABLE_METRICS", "RunResult", "Table", "build_table", "run_result", "write_tables"]
+# ----------------------------------------------------------------------------------------------------------
+# Per-case statistics: what a reviewer asks for beyond fold means
+# ----------------------------------------------------------------------------------------------------------
+
+def case_values(runs: Sequence[RunDir], metric: str) -> dict[tuple[int, str], float]:
+    """``{(fold, case): value}`` of ``metric`` over the test cases of finished runs (NaN cases left out)."""
+    out: dict[tuple[int, str], float] = {}
+    for run in runs:
+        res = run_result(run)
+        for row in run.read_test_metrics().get("cases", []):
+            v = row.get(metric)
+            if isinstance(v, (int, float)) and not math.isnan(float(v)):
+                out[(res.fold, str(row.get("case")))] = float(v)
+    return out
+
+
+def cluster_bootstrap(values: dict[tuple[int, str], float], n_boot: int = 2000, alpha: float = 0.05,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (default 95 %), resampling *cases* with all
+    their folds: in the papers' protocol one volume is tested in several folds, so its values are not
+    independent, and resampling (fold, case) pairs one by one would make the interval too narrow."""
+    if not values:
+        return float("nan"), float("nan")
+    by_case: dict[str, list[float]] = {}
+    for (_, case), v in values.items():
+        by_case.setdefault(case, []).append(v)
+    sums = np.array([sum(v) for v in by_case.values()])
+    counts = np.array([len(v) for v in by_case.values()])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def paired_comparison(method: dict[tuple[int, str], float], baseline: dict[tuple[int, str], float],
+                      n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """``method - baseline`` on the (fold, case) pairs both scored: the mean difference, its case-bootstrap
+    95 % interval (:func:`cluster_bootstrap`) and the two-sided Wilcoxon signed-rank p-value of the
+    per-case differences (each case's differences averaged over its folds first, for independence)."""
+    from scipy.stats import wilcoxon
+
+    keys = sorted(set(method) & set(baseline))
+    diff = {k: method[k] - baseline[k] for k in keys}
+    if not diff:
+        return {"n": 0, "mean_diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan")}
+    lo, hi = cluster_bootstrap(diff, n_boot=n_boot, seed=seed)
+    per_case: dict[str, list[float]] = {}
+    for (_, case), d in diff.items():
+        per_case.setdefault(case, []).append(d)
+    d_case = np.array([np.mean(v) for v in per_case.values()])
+    p = float(wilcoxon(d_case).pvalue) if len(d_case) >= 2 and np.any(d_case != 0) else float("nan")
+    return {"n": len(keys), "mean_diff": float(np.mean(list(diff.values()))), "ci_low": lo, "ci_high": hi, "p": p}
+
+
+def reviewer_table(methods: Mapping[str, Sequence[RunDir]], metric: str = "dsc", baseline: str | None = "scratch",
+                   paper: Mapping[str, float | None] | None = None, n_boot: int = 2000, seed: int = 0) -> str:
+    """Markdown: per method the mean and (population) std of ``metric`` over its test (fold, case) values,
+    the 95 % case-bootstrap interval of the mean, the paired difference against ``baseline`` (mean, 95 %
+    interval, Wilcoxon p; :func:`paired_comparison`) and the paper's reported number beside ours."""
+    values = {m: case_values(runs, metric) for m, runs in methods.items()}
+    head = ["Method", "Cases", f"{TABLE_METRICS.get(metric, metric)} mean +- std", "95 % CI"]
+    if baseline:
+        head += [f"vs {baseline}: diff (95 % CI)", "Wilcoxon p"]
+    head.append("Paper")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m, vals in values.items():
+        v = np.array(list(vals.values()), dtype=float)
+        lo, hi = cluster_bootstrap(vals, n_boot=n_boot, seed=seed)
+        cells = [m, str(v.size), f"{v.mean():.4f} +- {v.std():.4f}" if v.size else "-", f"[{_fmt(lo, 4)}, {_fmt(hi, 4)}]"]
+        if baseline:
+            if m == baseline or baseline not in values:
+                cells += ["-", "-"]
+            else:
+                c = paired_comparison(vals, values[baseline], n_boot=n_boot, seed=seed)
+                cells += [f"{c['mean_diff']:+.4f} [{_fmt(c['ci_low'], 4)}, {_fmt(c['ci_high'], 4)}]" if c["n"] else "-",
+                          _fmt(c["p"], 3)]
+        ref = (paper or {}).get(m)
+        cells.append(_fmt(float(ref), 3) if isinstance(ref, (int, float)) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["TABLE_METRICS", "RunResult", "Table", "build_table", "case_values", "cluster_bootstrap",
+           "paired_comparison", "reviewer_table", "run_result", "write_tables"]

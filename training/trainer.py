@@ -158,7 +158,8 @@ def load_cases(spec: Mapping[str, Any], where: str = "data") -> list[ds.Case]:
 
 def make_split(config: Mapping[str, Any], cases: Sequence[ds.Case]) -> sp.Split:
     """The split of ``protocol`` (fold ``protocol.fold``), with ``val_fraction`` of the training groups
-    moved to validation when set. Checked group-disjoint."""
+    moved to validation when set. Checked disjoint at the protocol's level (``splits.protocol_groups``:
+    patients, or volumes for the benchmark's published folds)."""
     folds = protocol_folds(config, cases)
     p = config["protocol"]
     k = int(p["fold"])
@@ -169,7 +170,7 @@ def make_split(config: Mapping[str, Any], cases: Sequence[ds.Case]) -> sp.Split:
         split = sp.with_validation(split, cases, float(p["val_fraction"]), seed=int(p["seed"]))
     if not split.train:
         raise ConfigError(f"protocol {p['name']!r} fold {k} has no training cases")
-    sp.assert_disjoint(split, cases)
+    sp.assert_disjoint(split, sp.protocol_groups(split, cases))
     return split
 
 
@@ -307,6 +308,9 @@ class Trainer:
         self.split: sp.Split | None = None
         self.preprocessing: dict[str, Any] = {}
         self._datasets: dict[tuple[str, str, bool], Any] = {}
+        self._geometry: dict[tuple[str, str], dict[str, Any]] = {}
+        self._native_volume: tuple[Any, Any] = (None, None)
+        self._case_index: dict[str, dict[str, ds.Case]] = {}
         self._stop_requested = False
         self._built = False
         self.history: list[dict[str, Any]] = []
@@ -353,48 +357,139 @@ class Trainer:
         assert self.split is not None
         return self.split.select(cases, subset)
 
-    def _items(self, key: str, cases: Sequence[ds.Case]) -> list[dict[str, Any]]:
+    def _items(self, key: str, cases: Sequence[ds.Case], train: bool = True) -> list[dict[str, Any]]:
+        """Dataset items of ``cases``: the cases themselves, or with ``slice`` their volumes cut into slices.
+
+        ``slice_positive`` filters *training* items only: evaluation items (``train=False``: validation,
+        test) keep every slice, so a volume is scored on all of its slices as the papers score volumes
+        (003 trains nCoVSegNet on infected slices, and tests on whole volumes). With ``crop_lungs`` training
+        volumes are cropped to their 3D lung box; evaluation volumes keep every slice, each cropped
+        in-plane to that box (slices beyond the lungs are scored too, not dropped). The native geometry of
+        every evaluation slice (its volume, index, lung box, pixel spacing) is kept for
+        :meth:`evaluate`."""
         spec = self.spec(key)
         if not spec["slice"]:
             return [c.to_dict() for c in cases]
         targets = [spec["target"]] + list(spec["extra_targets"])
+        # labels the pipeline itself reads (004's lesion B input mask, nCoVSegNet's 2D lung crop) are cut too
+        args = spec["transform_args"]
+        wanted = [args.get("mask_input_with")]
+        if spec["transforms"] == "ncovsegnet" and args.get("crop_lungs", True):
+            wanted.append(args.get("lung_key", "lung"))
+        pipeline_labels = [t for t in wanted if t and t not in targets]
         # nCoVSegNet (003) crops each volume to the box of an unsupervised lung mask before cutting slices; the
         # engine's HU lung masking stands in for that mask (lung_key=None forces it even if a lung label exists).
-        crop = tf.CropToLungBoxd(["image"] + targets, lung_key=None) if spec["crop_lungs"] else None
+        crop = tf.CropToLungBoxd(["image"] + targets + pipeline_labels, lung_key=None) if spec["crop_lungs"] else None
+        positive = spec["slice_positive"] if train else None
         items = []
         for c in cases:
-            loaded = ds.load_case(c, targets)
+            keys = targets + [t for t in pipeline_labels if t in c.labels]
+            loaded = ds.load_case(c, keys)
+            full_shape = tuple(np.asarray(loaded["image"]).shape[2:])
+            box = None
             if crop is not None:
-                loaded = crop(loaded)
-            items += ds.slice_items(loaded, keys=["image"] + targets, require_positive=spec["slice_positive"])
+                cropped = crop(loaded)
+                box = cropped.get("lung_box")
+                if train or box is None:
+                    loaded = cropped
+                else:   # evaluation: every slice of the volume, each cropped in-plane to the 3D lung box
+                    (y0, y1), (x0, x1) = box[1], box[2]
+                    loaded = {**loaded, **{k: np.asarray(loaded[k])[:, :, y0:y1, x0:x1] for k in ["image"] + keys}}
+            sliced = ds.slice_items(loaded, keys=["image"] + keys, require_positive=positive)
+            if not train:
+                for it in sliced:
+                    self._geometry[(key, str(it["id"]))] = {
+                        "case": c, "z": int(it["slice_index"]), "shape": full_shape,
+                        "box": tuple(box[1:]) if box else None, "spacing": tuple(it["spacing"])}
+            items += sliced
         if not items:
             raise TrainingError(f"{key}: slicing {len(cases)} volume(s) gave no slices "
                                 f"(slice_positive={spec['slice_positive']!r})")
         return items
 
+    def _native_geometry(self, key: str, item_id: str) -> dict[str, Any]:
+        """Where an evaluation item's pixels come from: ``shape`` (native in-plane shape), ``box`` (the
+        in-plane lung box it was cropped to, or None), ``spacing`` (mm per pixel on the native grid, None
+        when unknown: the 8-bit 2D sets) and ``case``/``z`` to read its native reference."""
+        gk = (key, item_id)
+        if gk not in self._geometry:
+            if key not in self._case_index:
+                self._case_index[key] = {c.id: c for c in self.cases_of(key)}
+            case = self._case_index[key].get(item_id)
+            if case is None:
+                raise TrainingError(f"{key}: no native geometry for evaluation item {item_id!r}")
+            if isinstance(case.image, np.ndarray):
+                shape, spacing = tuple(np.asarray(case.image).shape[-2:]), case.spacing
+            else:   # a slice of a stacked file (MedSeg): its header knows the spacing
+                loaded = ds.load_case(case, [])
+                shape, spacing = tuple(np.asarray(loaded["image"]).shape[-2:]), loaded["spacing"]
+            self._geometry[gk] = {"case": case, "z": None, "shape": shape, "box": None,
+                                  "spacing": tuple(float(v) for v in spacing) if spacing is not None else None}
+        return self._geometry[gk]
+
+    def _native_reference(self, key: str, geo: Mapping[str, Any]) -> np.ndarray:
+        """The reference mask of an evaluation item on its native grid (the whole uncropped slice)."""
+        target = self.spec(key)["target"]
+        case = geo["case"]
+        if geo["z"] is None:
+            return np.asarray(ds.load_case(case, [target])[target])[0] > 0
+        if self._native_volume[0] != (key, case.id):   # slices of one volume come together: keep one volume
+            self._native_volume = ((key, case.id), np.asarray(ds.load_case(case, [target])[target])[0] > 0)
+        return self._native_volume[1][geo["z"]]
+
     def _prepare_3d(self, key: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         """nnU-Net fingerprint of the training cases: ``target_spacing: auto`` -> median spacing
         (:func:`training.transforms.nnunet_target_spacing`), ``intensity: fit`` (or absent) -> CT z-score
         of the training foreground (:func:`training.transforms.fit_zscore`). Stored in preprocessing.json
-        (and reused when resuming)."""
+        (and reused when resuming).
+
+        Transfer runs (``model.init`` a training run, ``model.init_preprocessing`` true) take ``auto`` /
+        ``fit`` values from the pre-training run instead of fitting their own: the frozen or transferred
+        encoder (Lesion Representations, the Adapted-encoders, collaborative G) then sees inputs resampled
+        and normalised exactly as in its training. ``data`` reuses the pre-training's ``data`` (its task 0);
+        an ``aux_data.<name>`` reuses the pre-training's set of the same name when it has one. Explicit
+        values in ``transform_args`` always win."""
         if key in self.preprocessing:
             return self.preprocessing[key]
         args = dict(spec["transform_args"])
         out: dict[str, Any] = {}
-        train_cases = self.subset_cases(key, "train" if key == "data" else "all")
+        inherited = self._init_preprocessing().get(key) or {}
         ts = args.get("target_spacing", "auto")
-        if ts == "auto":
+        intensity = args.get("intensity", "fit")
+        if (ts == "auto" and inherited.get("target_spacing") is not None) or (intensity == "fit" and inherited.get("intensity")):
+            self.note(f"{key}: preprocessing from model.init's run ({', '.join(k for k in ('target_spacing', 'intensity') if inherited.get(k) is not None)})")
+        train_cases = None
+        if ts == "auto" and inherited.get("target_spacing") is not None:
+            out["target_spacing"] = [float(v) for v in inherited["target_spacing"]]
+        elif ts == "auto":
+            train_cases = self.subset_cases(key, "train" if key == "data" else "all")
             out["target_spacing"] = list(tf.nnunet_target_spacing([tf.case_spacing(c) for c in train_cases]))
         else:
             out["target_spacing"] = None if ts is None else [float(s) for s in ts]
-        intensity = args.get("intensity", "fit")
-        if intensity == "fit":
+        if intensity == "fit" and inherited.get("intensity"):
+            out["intensity"] = inherited["intensity"]
+        elif intensity == "fit":
+            train_cases = train_cases or self.subset_cases(key, "train" if key == "data" else "all")
             loaded = [ds.load_case(c, [spec["target"]]) for c in train_cases]
             out["intensity"] = tf.fit_zscore(loaded, spec["target"], seed=int(self.config["seed"]))
         else:
             out["intensity"] = intensity
         self.preprocessing[key] = out
         return out
+
+    def _init_preprocessing(self) -> dict[str, Any]:
+        """``preprocessing`` of the ``model.init`` training checkpoint (``{}`` for engine checkpoints, no init,
+        or ``model.init_preprocessing: false``)."""
+        init = self.config["model"].get("init")
+        if not init or not self.config["model"].get("init_preprocessing", True):
+            return {}
+        from training.procedures import open_weights_file
+        from training.runs import TRAINING_FORMAT
+
+        _, head = open_weights_file(init)
+        if not isinstance(head, Mapping) or head.get("format") != TRAINING_FORMAT:
+            return {}
+        return dict(head.get("preprocessing") or {})
 
     def _pipeline(self, key: str, train: bool):
         spec = self.spec(key)
@@ -437,7 +532,8 @@ class Trainer:
                 cases = _evenly(cases, int(self.config["eval"]["max_val_cases"]))
             spec = self.spec(key)
             cache = None if spec["cache"] == "none" else spec["cache"]
-            self._datasets[ck] = ds.make_dataset(self._items(key, cases), self._pipeline(key, train_t), cache=cache,
+            self._datasets[ck] = ds.make_dataset(self._items(key, cases, train=train_t), self._pipeline(key, train_t),
+                                                 cache=cache,
                                                  cache_dir=self.run.path / "cache" / key if cache == "disk" else None,
                                                  num_workers=0)
         return self._datasets[ck]
@@ -532,7 +628,7 @@ class Trainer:
         cases = self.cases_of("data")
         if self.resume and self.run.split.exists():
             self.split = sp.Split.from_dict(read_json(self.run.split))
-            sp.assert_disjoint(self.split, cases)
+            sp.assert_disjoint(self.split, sp.protocol_groups(self.split, cases))
         else:
             self.split = make_split(self.config, cases)
         if self.resume and self.run.preprocessing.exists():
@@ -955,7 +1051,6 @@ class Trainer:
                 with self.autocast():
                     logits = self.procedure.predict_logits(model, xb)
                 logits = logits.float()
-                spacings = [None] * len(items)
             else:
                 it0 = items[0]
                 logits = self._predict_volume(torch.as_tensor(it0["image"]), it0.get("spacing"), key=data)
@@ -967,16 +1062,50 @@ class Trainer:
             pred = (prob >= float(ev["threshold"])).cpu().numpy()[:, 0]
             ref = (y > 0.5).cpu().numpy()[:, 0]
             for k, it in enumerate(items):
-                results.append((str(it.get("id")), str(it.get("group")), pred[k], ref[k], spacings[k]))
+                if dims == 2:
+                    p_k, r_k, sp_k = self._score_2d(data, str(it.get("id")), prob[k, 0], pred[k], ref[k])
+                else:
+                    p_k, r_k, sp_k = pred[k], ref[k], spacings[k]
+                results.append((str(it.get("id")), str(it.get("group")), p_k, r_k, sp_k))
         model.train()
-        rows = self._metric_rows(results, metrics, float(ev["tau_mm"]), unit)
+        rows = self._metric_rows(results, metrics, float(ev["tau_mm"]), unit, ev["empty_rule"])
         loss = sum(losses) / n if with_loss and n else float("nan")
         return rows, loss
 
+    def _score_2d(self, key: str, item_id: str, prob: torch.Tensor, pred: np.ndarray, ref: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
+        """``(prediction, reference, spacing)`` of one 2D evaluation item, on the grid ``eval.grid`` names.
+
+        ``network``: the network's input grid; the spacing is the native pixel spacing scaled by the resize
+        (so NSD's tolerance and HD95 are in mm whenever the slice's spacing is known - slices cut from HU
+        volumes, MedSeg - and in pixels of that grid only for the 8-bit 2D sets, which carry none).
+        ``native``: the probability is resized back to the item's native pixels (its lung-box crop, pasted
+        into the whole slice, background outside the box) and scored against the uncropped reference, so the
+        numbers are those of the slice the user gave, not of a 352-px crop."""
+        geo = self._native_geometry(key, item_id)
+        native = geo["spacing"]
+        box = geo["box"]
+        crop_hw = (box[0][1] - box[0][0], box[1][1] - box[1][0]) if box else tuple(geo["shape"])
+        if self.config["eval"]["grid"] == "network":
+            spacing = None if native is None else tuple(float(native[a]) * crop_hw[a] / pred.shape[a] for a in range(2))
+            return pred, ref, spacing
+        from COVIDLesionSegLib.preprocessing import resize_slices
+
+        p_crop = resize_slices(prob.detach().float().cpu()[None, None], crop_hw, mode="bilinear")[0, 0]
+        p_crop = np.asarray(p_crop) >= float(self.config["eval"]["threshold"])
+        full = np.zeros(tuple(geo["shape"]), dtype=bool)
+        if box:
+            full[box[0][0]:box[0][1], box[1][0]:box[1][1]] = p_crop
+        else:
+            full[...] = p_crop
+        return full, self._native_reference(key, geo), native
+
     @staticmethod
-    def _metric_rows(results, metrics: Sequence[str], tau: float, unit: str) -> list[dict[str, Any]]:
+    def _metric_rows(results, metrics: Sequence[str], tau: float, unit: str,
+                     empty_rule: str | None = None) -> list[dict[str, Any]]:
         if unit == "case":
-            return [{"case": cid, "group": grp, **case_metrics(p, r, spacing=sp_, tau_mm=tau, which=metrics)}
+            return [_empty_rule({"case": cid, "group": grp, **case_metrics(p, r, spacing=sp_, tau_mm=tau, which=metrics)},
+                                p, r, empty_rule)
                     for cid, grp, p, r, sp_ in results]
         groups: dict[str, list] = {}
         for res in results:
@@ -994,6 +1123,7 @@ class Trainer:
                 vals = [case_metrics(mm[2], mm[3], spacing=mm[4], tau_mm=tau, which=[m])[m] for mm in members]
                 vals = [v for v in vals if not math.isnan(v)]
                 row[m] = float(np.mean(vals)) if vals else float("nan")
+            row = _empty_rule(row, p, r, empty_rule)
             rows.append({k: row[k] for k in ["case", "group", "n_slices"] + [m for m in METRIC_NAMES if m in row]})
         return rows
 
@@ -1044,6 +1174,21 @@ class Trainer:
         summary.update(extra or {})
         self.run.write_summary(summary)
         return summary
+
+
+def _empty_rule(row: dict[str, Any], pred: np.ndarray, ref: np.ndarray, rule: str | None) -> dict[str, Any]:
+    """004's rule for scoring units without a predicted lesion (``eval.empty_rule``), applied to a metric row.
+
+    004 (after eqs. 2-4): "When TP + FP = 0 the model has correctly identified that the input does not have
+    any positive pixel and in that case all metrics are set to 1". ``no_positive_prediction`` is that
+    condition as written (nothing predicted, whatever the reference: a missed lesion then also scores 1);
+    ``both_empty`` is the reading its justification gives (nothing predicted *and* nothing to find). 004
+    reports only higher-is-better metrics; the error metrics (VOE, RVD, HD95) get their perfect value 0.
+    ``None`` (the default) keeps the project's metrics (module docstring of ``COVIDLesionSegLib.metrics``).
+    """
+    if rule is None or np.any(pred) or (rule == "both_empty" and np.any(ref)):
+        return row
+    return {k: (v if k not in METRIC_NAMES else 0.0 if k in LOWER_IS_BETTER else 1.0) for k, v in row.items()}
 
 
 def _evenly(items: Sequence[Any], n: int) -> list[Any]:

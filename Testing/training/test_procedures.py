@@ -177,18 +177,52 @@ def pretrained_sd(pretrain_run: Path) -> dict:
     return load_training_state(pretrain_run / "best.pt")["model"]
 
 
-def test_continual_learning_continues_the_poly_curve(tmp_path, pretrain_run):
+def test_continual_learning_starts_from_all_pretrained_weights(tmp_path, pretrain_run):
     trainer = make_trainer(transfer_config(pretrain_run, "continual"), tmp_path / "c")
     pre = pretrained_sd(pretrain_run)
     own = trainer.model.state_dict()
     assert torch.equal(own["encoder.stages.0.conv1.conv.weight"], pre["encoder.stages.0.conv1.conv.weight"])
-    # COVID epoch 0 starts where pre-training stopped on the same curve (epoch PRE_EPOCHS of PRE_HORIZON)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR0 * (1 - PRE_EPOCHS / PRE_HORIZON) ** 0.9)
-    summary = trainer.fit()
-    log = RunDir(tmp_path / "c").read_log()
-    assert [r["lr"] for r in log] == pytest.approx(
-        [LR0 * (1 - (PRE_EPOCHS + e) / PRE_HORIZON) ** 0.9 for e in range(len(log))])
-    assert summary["status"] == "completed" and all(math.isfinite(r["train_loss"]) for r in log)
+    # the schedule: test_continual_lr_starts_at_the_last_pretraining_epoch_and_stays_positive, on a
+    # pre-training whose best epoch differs from its last (here they are equal, which cannot tell them apart)
+
+
+def _pretraining_folder(folder: Path, pretrain_run: Path, best_epoch: int, last_epoch: int,
+                        schedule_epochs: int | None, epochs: int) -> Path:
+    """A pre-training run folder whose best validation epoch is ``best_epoch`` and whose last is
+    ``last_epoch`` (the real run's weights and config, with those epochs)."""
+    from training.runs import save_training_state
+
+    state = load_training_state(pretrain_run / "best.pt")
+    cfg = dict(state["config"])
+    cfg["procedure"] = {**cfg["procedure"], "schedule_epochs": schedule_epochs}
+    cfg["train"] = {**cfg["train"], "epochs": epochs}
+    folder.mkdir(parents=True)
+    for name, epoch in (("best.pt", best_epoch), ("last.pt", last_epoch)):
+        save_training_state(folder / name, {"config": cfg, "epoch": epoch, "model": state["model"]})
+    return folder
+
+
+def test_continual_lr_starts_at_the_last_pretraining_epoch_and_stays_positive(tmp_path, pretrain_run):
+    """Best epoch 1 of a 3-epoch pre-training on a 6-epoch curve, 3 COVID-19 epochs: the COVID phase starts at
+    epoch 3 of the curve (where pre-training stopped, not at the best epoch) and its lr is > 0 to the end."""
+    pre = _pretraining_folder(tmp_path / "pre", pretrain_run, best_epoch=1, last_epoch=3, schedule_epochs=6, epochs=3)
+    raw = transfer_config(pre, "continual")
+    raw["train"] = {**raw["train"], "epochs": 3}
+    trainer = make_trainer(raw, tmp_path / "c")
+    trainer.fit()
+    lrs = [r["lr"] for r in RunDir(tmp_path / "c").read_log()]
+    assert lrs == pytest.approx([LR0 * (1 - (3 + e) / 6) ** 0.9 for e in range(3)])
+    assert all(lr > 0 for lr in lrs)
+
+
+def test_continual_refuses_a_curve_too_short_instead_of_stretching_it(tmp_path, pretrain_run):
+    """Best = last = the pre-training's whole 2-epoch curve: no room left on it. Continual Learning must say so
+    (not silently make the curve 2 + train.epochs long); an explicit horizon_epochs is honoured."""
+    pre = _pretraining_folder(tmp_path / "pre", pretrain_run, best_epoch=2, last_epoch=2, schedule_epochs=None, epochs=2)
+    with pytest.raises(ProcedureError, match="schedule_epochs = 4"):
+        make_trainer(transfer_config(pre, "continual"), tmp_path / "c")
+    trainer = make_trainer(transfer_config(pre, "continual", horizon_epochs=4), tmp_path / "c2")
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR0 * (1 - 2 / 4) ** 0.9)
 
 
 def test_body_finetune_loads_everything_and_restarts_schedule(tmp_path, pretrain_run):
@@ -281,6 +315,29 @@ def test_collaborative_general_encoder_learns_only_from_the_relation_loss(tmp_pa
     trainer.model.zero_grad(set_to_none=True)
     trainer.backward_step(out.loss)
     assert changed(g0, snapshot(trainer.model.general_encoder))
+
+
+def test_collaborative_full_scale_relation_loss_is_bounded_against_the_segmentation_loss(monkeypatch):
+    """The full-scale config scales eqs. 4-5 per channel: at 002's C = 320, L_T stays within -4 lambda_T (the
+    summed norm reaches far beyond the segmentation loss, where the project's run collapsed)."""
+    from COVIDLesionSegLib.models.relation import relation_matrix, target_relation_loss
+
+    for var in ("COVID19CTSEG", "MSD_LUNG", "STRUCTSEG", "NSCLC_EFFUSION", "PRETRAINED"):
+        monkeypatch.setenv(var, "/nonexistent")
+    cfg = load_config("collaborative_nnunet3d")
+    opts = cfg["procedure"]
+    assert opts["reduction"] == "channel"
+    from training.procedures.collaborative import relation_scale
+
+    torch.manual_seed(0)
+    c = 320
+    r_g = relation_matrix(torch.randn(2, c, 4, 5, 6))
+    r_t = relation_matrix(-torch.randn(2, c, 4, 5, 6) ** 2)      # far apart: what maximising L_T drives to
+    reduction, per = relation_scale(opts["reduction"], c)
+    l_t = float(target_relation_loss(r_g, r_t, opts["lambda_t"] * per, reduction))
+    summed = float(target_relation_loss(r_g, r_t, opts["lambda_t"], "sum"))
+    assert -4 * opts["lambda_t"] <= l_t < 0
+    assert summed < -4 * c * opts["lambda_t"] * 0.05 and summed == pytest.approx(l_t * c, rel=1e-5)
 
 
 def test_collaborative_ramp_up(tmp_path, pretrain_run):

@@ -82,13 +82,55 @@ def test_covid19ctseg_published_folds():
     for f in folds:
         assert len(f.train) == 4 and len(f.test) == 16
         assert sorted(i.split("_")[0] for i in f.train) == ["coronacases"] * 2 + ["radiopaedia"] * 2
-    # the published split is volume-disjoint but not patient-disjoint in folds 2 and 4: flagged
-    assert [bool(f.notes) for f in folds] == [False, False, True, False, True]
+    # the published split is volume-disjoint but not patient-disjoint in folds 2 and 4: each such fold (found
+    # from the patients, not from the fold numbers) is flagged and marked for volume-level checks
+    leaks = [bool({group_of(i) for i in f.train} & {group_of(i) for i in f.test}) for f in folds]
+    assert leaks == [bool(f.notes) for f in folds] and sum(leaks) == 2
+    assert all(f.meta["disjoint"] == "case" for f in folds)
     assert_disjoint(folds[0], cases)
     with pytest.raises(AssertionError, match="radiopaedia_10"):
         assert_disjoint(folds[2], cases)
     with pytest.raises(KeyError, match="not in the data set"):
         covid19ctseg_folds(cases[:-1])
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])
+def test_trainer_runs_every_published_fold(val_fraction):
+    """The papers' protocol through the trainer's own split path (``make_split``, what ``cv`` runs): folds 0-4
+    all build, although folds 2 and 4 hold one volume of a Radiopaedia patient on each side (the published
+    split is volume-disjoint only); with nCoVSegNet's validation quarter too. Volume-level disjointness is
+    still enforced, and the generated patient-disjoint folds are still checked per patient."""
+    from training.config import config_from_dict
+    from training.trainer import make_split
+
+    cases = covid20_cases()
+
+    def cfg(fold, **proto):
+        return config_from_dict({"model": {"arch": "nnunet", "args": {"spatial_dims": 3}},
+                                 "data": {"reader": "covid19ctseg", "root": "/nonexistent", "transforms": "nnunet_3d"},
+                                 "protocol": {"name": "covid19ctseg", "fold": fold, "val_fraction": val_fraction,
+                                              **proto}})
+
+    trained = []
+    for k in range(5):
+        split = make_split(cfg(k), cases)
+        assert len(split.train) + len(split.val) == 4 and len(split.test) == 16
+        assert not set(split.train + split.val) & set(split.test)
+        trained += split.train + split.val
+        if k in (2, 4):
+            assert split.notes and "both train and test" in split.notes[0]
+            groups = {c.id: c.group for c in cases}
+            assert {groups[i] for i in split.train + split.val} & {groups[i] for i in split.test}
+    assert sorted(trained) == sorted(c.id for c in cases)
+    for k in range(5):   # the generated folds stay patient-disjoint through the same path
+        split = make_split(cfg(k, args={"source": "generated"}), cases)
+        assert_disjoint(split, cases)
+    # a split that loses its volume-level marker is checked per patient again
+    from training.splits import protocol_groups
+
+    bad = covid19ctseg_folds(cases)[2]
+    with pytest.raises(AssertionError, match="radiopaedia_10"):
+        assert_disjoint(bad, protocol_groups(Split(bad.name, bad.train, bad.test), cases))
 
 
 def test_covid19ctseg_split_file_matches_published(tmp_path):

@@ -94,3 +94,51 @@ def test_table_refuses_unfinished_and_duplicate_runs(cv_runs, tmp_path, capsys):
         build_table([RunDir(copy)])
     assert main(["table", str(tmp_path / "nothing_here")]) == EXIT_USAGE
     assert "run folder not found" in capsys.readouterr().err
+
+
+def _fake_runs(root, name: str, dsc_of, folds: int = 3, cases: int = 8) -> list[RunDir]:
+    """Finished run folders of one method whose test DSC per (fold, case) is ``dsc_of(fold, case)``."""
+    dirs = []
+    for k in range(folds):
+        rd = RunDir(root / name / f"fold{k}").create()
+        rows = [{"case": f"vol{c}", "group": f"vol{c}", "dsc": dsc_of(k, c)} for c in range(cases) if c % folds != k]
+        rd.write_test_metrics(rows, {})
+        rd.write_summary({"name": name, "fold": k, "status": "completed", "epochs_completed": 1,
+                          "mean_epoch_time_s": 1.0})
+        dirs.append(rd)
+    return dirs
+
+
+def test_reviewer_table_gives_spread_intervals_paired_tests_and_the_papers_numbers(tmp_path):
+    from training.tables import cluster_bootstrap, paired_comparison, reviewer_table, case_values
+
+    rng = np.random.default_rng(0)
+    base = {(k, c): 0.5 + 0.2 * rng.random() for k in range(3) for c in range(8)}
+    scratch = _fake_runs(tmp_path, "scratch", lambda k, c: base[(k, c)])
+    better = _fake_runs(tmp_path, "hybrid", lambda k, c: base[(k, c)] + 0.05 + 0.01 * rng.standard_normal())
+    same = _fake_runs(tmp_path, "noise", lambda k, c: base[(k, c)] + 0.02 * rng.standard_normal())
+    vals = case_values(scratch, "dsc")
+    assert len(vals) == 16                                     # every (fold, case) that was tested
+    lo, hi = cluster_bootstrap(vals, seed=1)
+    mean = np.mean(list(vals.values()))
+    assert lo < mean < hi and hi - lo < 0.2
+    up = paired_comparison(case_values(better, "dsc"), vals)
+    assert up["n"] == 16 and 0.04 < up["mean_diff"] < 0.06 and up["ci_low"] > 0 and up["p"] < 0.05
+    flat = paired_comparison(case_values(same, "dsc"), vals)
+    assert flat["ci_low"] < 0 < flat["ci_high"]
+    md = reviewer_table({"scratch": scratch, "hybrid": better, "noise": same}, paper={"scratch": 0.673, "hybrid": 0.704})
+    lines = md.strip().splitlines()
+    assert "95 % CI" in lines[0] and "vs scratch" in lines[0] and "Paper" in lines[0]
+    hybrid = next(line for line in lines if line.startswith("| hybrid"))
+    assert "0.704" in hybrid and "+0.0" in hybrid and "| 16 |" in hybrid
+    assert next(line for line in lines if line.startswith("| noise")).rstrip().endswith("| - |")
+
+
+def test_protocol_2d_reviewer_markdown(tmp_path):
+    from training.protocol_2d import reviewer_markdown
+
+    _fake_runs(tmp_path, "protocol2d_scratch_cpu", lambda k, c: 0.5 + 0.01 * c)
+    _fake_runs(tmp_path, "protocol2d_hybrid_encoder_cpu", lambda k, c: 0.55 + 0.01 * c)
+    md = reviewer_markdown(tmp_path, metrics=("dsc",))
+    row = next(line for line in md.splitlines() if line.startswith("| hybrid_encoder"))
+    assert "+0.0500" in row and "0.704" in row       # the paired difference and 000's reported DSC

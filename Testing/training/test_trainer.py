@@ -353,3 +353,152 @@ def test_custom_procedure_two_batches_frozen_params_and_state(tmp_path):
     assert "train_seg" in log[0] and "train_aux" in log[0]
     state = load_training_state(tmp_path / "run" / "last.pt")
     assert state["procedure"] == {"steps_seen": 4}
+
+
+def test_transfer_runs_reuse_the_pretraining_preprocessing(tmp_path):
+    """A transfer run from a pre-training run resamples and normalises as that run did (its frozen encoder saw
+    those inputs), instead of fitting its own spacing and z-score; ``init_preprocessing: false`` fits anew."""
+    from COVIDLesionSegLib.models import build
+    from training.runs import save_training_state
+
+    ids = write_covid19ctseg_layout(tmp_path / "data")
+    own = Trainer(config_3d(tmp_path / "data", ids), tmp_path / "own", device="cpu", progress=False, log=lambda m: None)
+    own.setup()
+    fitted = own.preprocessing["data"]
+    pre_prep = {"target_spacing": [3.0, 1.25, 1.25],
+                "intensity": {**fitted["intensity"], "mean": fitted["intensity"]["mean"] + 300.0}}
+    pre_cfg = config_3d(tmp_path / "data", ids)
+    model = build({"arch": "nnunet", "args": dict(pre_cfg["model"]["args"])})
+    save_training_state(tmp_path / "pre" / "best.pt", {"config": pre_cfg, "epoch": 2, "model": model.state_dict(),
+                                                       "preprocessing": {"data": pre_prep}})
+    cfg = config_3d(tmp_path / "data", ids, procedure={"name": "lesion_representations"},
+                    model={**pre_cfg["model"], "init": str(tmp_path / "pre")})
+    transfer = Trainer(cfg, tmp_path / "transfer", device="cpu", progress=False, log=lambda m: None)
+    transfer.setup()
+    assert transfer.preprocessing["data"] == pre_prep
+    assert read_json(tmp_path / "transfer" / "preprocessing.json")["data"] == pre_prep
+    item = transfer.dataset("data", "test", train_transforms=False)[0]   # evaluation normalises the same way
+    raw = transfer.subset_cases("data", "test")[0]
+    from training.datasets import load_case
+    hu = load_case(raw, ["infection"])["image"]
+    expected = (np.clip(hu, pre_prep["intensity"]["lower"], pre_prep["intensity"]["upper"])
+                - pre_prep["intensity"]["mean"]) / pre_prep["intensity"]["std"]
+    np.testing.assert_allclose(np.asarray(item["image"]), expected, rtol=1e-4, atol=1e-4)
+    cfg_off = config_3d(tmp_path / "data", ids, procedure={"name": "lesion_representations"},
+                        model={**pre_cfg["model"], "init": str(tmp_path / "pre"), "init_preprocessing": False})
+    fresh = Trainer(cfg_off, tmp_path / "fresh", device="cpu", progress=False, log=lambda m: None)
+    fresh.setup()
+    assert fresh.preprocessing["data"] == fitted
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2D evaluation: pixel spacing, native grid, 004's empty rule
+# ----------------------------------------------------------------------------------------------------------
+
+def _threshold_logits(shift: int = 0):
+    """A stand-in network output: the synthetic infection's HU band (-400..-100), rolled ``shift`` pixels."""
+    def predict(model, x):
+        mask = ((x[:, :1] > -400) & (x[:, :1] < -100)).float()
+        return torch.roll(mask, shift, dims=-1) * 20.0 - 10.0
+    return predict
+
+
+def sliced_config(root: Path, ids: list[str], **over) -> dict:
+    cfg = {"name": "sliced", "seed": 1,
+           "model": {"arch": "nnunet", "args": {"spatial_dims": 2, "channels": [4, 8], "strides": [1, 2],
+                                                "kernel_sizes": [3, 3]}},
+           "data": {"reader": "covid19ctseg", "root": str(root), "target": "infection", "slice": True,
+                    "transforms": "slice_2d", "transform_args": {"size": 20, "intensity": None}, "cache": "none"},
+           "protocol": {"name": "fixed", "train": ids[:1], "test": ids[1:]},
+           "train": {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "progress": False},
+           "eval": {"metrics": ["dsc", "nsd", "hd95"], "unit": "case", "tau_mm": 1.0}}
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(cfg)
+
+
+def test_2d_evaluation_measures_surface_metrics_in_mm(tmp_path):
+    """Slices cut from a 0.8 mm volume and resized from 40 x 44 to 20 x 20 px: HD95 and NSD use the pixel size
+    of the evaluation grid in mm (1.6 x 1.76 mm), not 1 px = 1 mm."""
+    from COVIDLesionSegLib.metrics import case_metrics
+
+    ids = write_covid19ctseg_layout(tmp_path / "data")
+    trainer = Trainer(sliced_config(tmp_path / "data", ids), tmp_path / "run", device="cpu", progress=False,
+                      log=lambda m: None)
+    trainer.setup()
+    trainer.procedure.predict_logits = _threshold_logits(shift=2)
+    rows = {r["case"]: r for r in trainer.evaluate("test")[0]}
+    test = trainer.dataset("data", "test", train_transforms=False)
+    checked = 0
+    for i in range(len(test)):
+        item = test[i]
+        pred = (_threshold_logits(2)(None, torch.as_tensor(item["image"])[None]) > 0).numpy()[0, 0]
+        ref = np.asarray(item["infection"])[0] > 0.5
+        if not ref.any():
+            continue
+        mm = case_metrics(pred, ref, spacing=(1.6, 1.76), tau_mm=1.0, which=["hd95", "nsd"])
+        px = case_metrics(pred, ref, spacing=None, tau_mm=1.0, which=["hd95", "nsd"])
+        row = rows[str(item["id"])]
+        assert row["hd95"] == pytest.approx(mm["hd95"]) and row["nsd"] == pytest.approx(mm["nsd"])
+        assert row["hd95"] != pytest.approx(px["hd95"])
+        checked += 1
+    assert checked >= 3
+
+
+def test_004_empty_rule_is_an_option(tmp_path):
+    """eval.empty_rule: 004 sets all metrics to 1 where nothing is predicted (as written: TP + FP = 0), or
+    only where the slice has no lesion either (both_empty); default: the project's metrics."""
+    ids = write_covid19ctseg_layout(tmp_path / "data")
+    metrics = ["dsc", "sensitivity", "specificity", "precision", "voe"]
+    out = {}
+    for rule in (None, "both_empty", "no_positive_prediction"):
+        trainer = Trainer(sliced_config(tmp_path / "data", ids, eval={"metrics": metrics, "empty_rule": rule}),
+                          tmp_path / f"run_{rule}", device="cpu", progress=False, log=lambda m: None)
+        trainer.setup()
+        trainer.procedure.predict_logits = lambda model, x: torch.full_like(x[:, :1], -10.0)   # predicts nothing
+        out[rule] = trainer.evaluate("test")[0]
+    ref_pos = [np.asarray(it["infection"]).any() for it in
+               (trainer.dataset("data", "test", train_transforms=False)[i] for i in range(len(out[None])))]
+    assert any(ref_pos) and not all(ref_pos)
+    for plain, both, literal, pos in zip(out[None], out["both_empty"], out["no_positive_prediction"], ref_pos):
+        assert literal["dsc"] == literal["sensitivity"] == literal["precision"] == 1.0 and literal["voe"] == 0.0
+        if pos:
+            assert both["dsc"] == plain["dsc"] == 0.0 and both["sensitivity"] == plain["sensitivity"] == 0.0
+        else:
+            assert both["precision"] == both["sensitivity"] == 1.0 and np.isnan(plain["precision"])
+
+
+def test_ncovsegnet_stage2_tests_every_slice_on_the_native_grid(tmp_path, monkeypatch):
+    """The full-scale nCoVSegNet stage-2 config (tiny sizes): training slices are the infected ones, cropped to
+    the unsupervised 3D lung box; the test scores every slice of the test volume, on its native 60 x 64 grid,
+    against the uncropped reference (not the infected slices only, not 64-px crops)."""
+    from training.config import load_config
+    from training.datasets import load_case
+
+    ids = write_covid19ctseg_layout(tmp_path / "data", n=3, shape=(20, 60, 64), spacing=(2.0, 2.0, 3.0))   # lungs of > 20 mL
+    monkeypatch.setenv("COVID19CTSEG", str(tmp_path / "data"))
+    monkeypatch.setenv("NCOVSEGNET_STAGE1", str(tmp_path / "none"))
+    cfg = load_config("ncovsegnet_stage2_covid", [
+        "model.init=null", "model.args.width=0.125", "data.transform_args.size=64", "data.cache=none",
+        "protocol.name=fixed", f"protocol.train=[{ids[0]}, {ids[1]}]", f"protocol.test=[{ids[2]}]",
+        "train.epochs=1", "train.iterations_per_epoch=1", "train.progress=false"])
+    assert cfg["data"]["crop_lungs"] and not cfg["data"]["transform_args"].get("crop_lungs", True)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False, log=lambda m: None)
+    trainer.setup()
+    train = trainer.dataset("data", "train")
+    train_cases = trainer.subset_cases("data", "train")
+    infected = sum(int(np.asarray(load_case(c, ["infection"])["infection"])[0].any(axis=(1, 2)).sum())
+                   for c in train_cases)
+    assert len(train) == infected and all(np.asarray(train[i]["infection"]).any() for i in range(len(train)))
+    seen = []
+    real_rows = Trainer._metric_rows
+    monkeypatch.setattr(Trainer, "_metric_rows", staticmethod(
+        lambda results, *a, **k: (seen.extend(results), real_rows(results, *a, **k))[1]))
+    rows, _ = trainer.evaluate("test")
+    full = np.asarray(load_case(trainer.subset_cases("data", "test")[0], ["infection"])["infection"])[0] > 0
+    assert rows[0]["n_slices"] == len(seen) == full.shape[0] == 20
+    assert all(p.shape == r.shape == (60, 64) for _, _, p, r, _ in seen)
+    assert all(sp == pytest.approx((2.0, 2.0)) for *_, sp in seen)
+    np.testing.assert_array_equal(np.stack([r for _, _, _, r, _ in seen]), full)
+    box = trainer._native_geometry("data", seen[0][0])["box"]
+    assert box is not None and (box[0][1] - box[0][0], box[1][1] - box[1][0]) < (60, 64)   # lung box crop

@@ -26,8 +26,17 @@ tests use to check that G learns from the relation loss alone.
 Weights: ``lambda_G(t) = lambda_g * r(t)``, ``lambda_T(t) = lambda_t * r(t)`` with the mean-teacher sigmoid
 ramp-up ``r(t) = exp(-5 (1 - t/T)^2)``, ``t`` in epochs (fractional, per step), ``T = rampup_epochs``.
 002 gives neither the final weights nor T; defaults are those of ``relation.RelationLossWeights``
-(lambda_G = 1, lambda_T = 0.1, T = 40 epochs) and documented there. ``reduction: sum`` is the paper's
-squared Frobenius norm. The non-COVID labels ``Y^n`` are drawn (Algorithm 1 samples them) but unused, as in
+(lambda_G = 1, lambda_T = 0.1, T = 40 epochs) and documented there.
+
+Scale of the relation distance (``reduction``). Eqs. 4-5 write ``||R_1 - R_2||^2`` over the C x C
+relation entries; ``sum`` (the option's default) is that squared Frobenius norm as written. Each row of R
+has unit norm, so a row of the difference has squared norm <= 4 and the sum is bounded by 4C: at 002's
+bottleneck width C = 320, L_T can reach -4 C lambda_T = -128 against a segmentation loss near 1, and the
+project's own run saw the target encoder maximise the relation distance instead of segmenting
+(``training/RESULTS.md``). ``channel`` divides the sum by C - the mean squared distance of one channel's
+relation row, in [0, 4] whatever the width - so lambda_T = 0.1 bounds L_T by -0.4 and the paper's weights
+keep L_seg the leading term; the full-scale config uses it (``collaborative_nnunet3d.yaml``). ``mean``
+divides by C^2 (the mean over entries; bound 4 / C, which fades as the network widens). The non-COVID labels ``Y^n`` are drawn (Algorithm 1 samples them) but unused, as in
 the paper's losses.
 """
 
@@ -41,10 +50,18 @@ from torch import nn
 from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, register_procedure
 
 
+def relation_scale(reduction: str, channels: int) -> tuple[str, float]:
+    """``(library reduction, weight factor)`` of a ``procedure.reduction``: ``channel`` is the summed
+    distance divided by the C channels (module docstring); ``sum`` and ``mean`` pass through."""
+    if reduction == "channel":
+        return "sum", 1.0 / max(int(channels), 1)
+    return reduction, 1.0
+
+
 @register_procedure
 class CollaborativeProcedure(Procedure):
     """Algorithm 1 of 002 (module docstring). Options: ``noncovid`` (aux_data names; null = all),
-    ``lambda_g``, ``lambda_t``, ``rampup_epochs``, ``reduction`` (sum | mean), ``init_target``."""
+    ``lambda_g``, ``lambda_t``, ``rampup_epochs``, ``reduction`` (sum | channel | mean), ``init_target``."""
 
     name = "collaborative"
     paper = "002_4bbc0ce13538df96"
@@ -60,8 +77,9 @@ class CollaborativeProcedure(Procedure):
             v = options[key]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{source}: procedure.{key} must be a non-negative number, got {v!r}")
-        if options["reduction"] not in ("sum", "mean"):
-            raise ConfigError(f"{source}: procedure.reduction must be 'sum' or 'mean', got {options['reduction']!r}")
+        if options["reduction"] not in ("sum", "channel", "mean"):
+            raise ConfigError(f"{source}: procedure.reduction must be 'sum', 'channel' or 'mean', got "
+                              f"{options['reduction']!r}")
         nc = options["noncovid"]
         if nc is not None and (not isinstance(nc, list) or not nc or not all(isinstance(x, str) for x in nc)):
             raise ConfigError(f"{source}: procedure.noncovid must be a non-empty list of aux_data names or null")
@@ -123,13 +141,13 @@ class CollaborativeProcedure(Procedure):
         lam_g, lam_t = self.weights_at(step.progress * step.max_epochs)
         out, feats = model(xc, return_features=True)
         seg = self.loss_fn(out, yc)
-        reduction = self.opts["reduction"]
         r_g_c = relation_matrix(feats["general"])
         r_t_c = relation_matrix(feats["target"])
-        loss_t = target_relation_loss(r_g_c, r_t_c, lam_t, reduction) if lam_t > 0 else seg.new_zeros(())
+        reduction, per = relation_scale(self.opts["reduction"], int(r_g_c.shape[-1]))
+        loss_t = target_relation_loss(r_g_c, r_t_c, lam_t * per, reduction) if lam_t > 0 else seg.new_zeros(())
         if lam_g > 0:
             r_g_n = relation_matrix(model.general_features(xn))
-            loss_g = general_relation_loss(r_g_n, r_g_c, lam_g, reduction)
+            loss_g = general_relation_loss(r_g_n, r_g_c, lam_g * per, reduction)
         else:
             loss_g = seg.new_zeros(())   # not built: G receives no gradient at all (module docstring)
         total = seg + loss_g + loss_t
@@ -137,4 +155,4 @@ class CollaborativeProcedure(Procedure):
                                   "lambda_g": lam_g, "lambda_t": lam_t})
 
 
-__all__ = ["CollaborativeProcedure"]
+__all__ = ["CollaborativeProcedure", "relation_scale"]

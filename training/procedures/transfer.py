@@ -31,10 +31,15 @@ decays throughout the training process following the 'poly' learning rate policy
 parameters after training non-COVID19 lesion tasks tend to follow its training process while slightly
 being updated by the current COVID-19 infection task"). Read as *one* poly curve over pre-training and
 COVID-19 training together: COVID-19 epoch ``e`` (0-based) uses
-``lr0 * (1 - (E_pre + e) / H) ** 0.9`` with ``E_pre`` the pre-training epochs (``pretrain_epochs``, by
-default read from the checkpoint) and ``H`` the whole curve's length (``horizon_epochs``, by default the
-pre-training run's own horizon - ``procedure.schedule_epochs`` of a ``multilesion`` run - when it extends
-beyond its epochs, else ``E_pre + train.epochs``). The other reading, restarting the poly curve at lr0 on
+``lr0 * (1 - (E_pre + e) / H) ** 0.9`` with ``E_pre`` the epochs the pre-training *ran* (``pretrain_epochs``,
+by default the last epoch of the pre-training run - its ``last.pt`` - not the epoch of the best
+validation model that ``model.init`` loads, which may lie far before the end) and ``H`` the curve's
+explicit length (``horizon_epochs``, by default the pre-training run's own poly length:
+``procedure.schedule_epochs`` of a ``multilesion`` run, else its ``train.epochs``). The COVID-19 phase must
+fit on the curve (``E_pre + train.epochs <= H``), so its learning rate stays above 0 to its last epoch;
+otherwise the run stops with an error naming the lengths rather than silently training at lr 0 or
+silently lengthening the curve. A pre-training meant for Continual Learning is therefore run with
+``schedule_epochs = E_pre + E_covid`` (``multilesion_nnunet3d_pretrain.yaml``: 1000 + 1000). The other reading, restarting the poly curve at lr0 on
 COVID-19, is exactly Body Fine-tuning, which 000 lists as a separate strategy - so Continual Learning must
 keep the decayed rate. ``lr0`` is ``optim.lr`` (0.01 in both phases in 000). The optimiser's momentum is
 not carried over (the parameter sets differ whenever the heads do); it rebuilds within a few steps.
@@ -60,18 +65,30 @@ from .multilesion import poly_scheduler
 # ----------------------------------------------------------------------------------------------------------
 
 def pretrained_info(path: str) -> dict[str, Any]:
-    """What a ``model.init`` source tells about its training: ``{"epochs", "max_epochs", "horizon",
-    "config"}`` for training checkpoints and run folders (``None`` values for engine checkpoints)."""
-    from training.runs import TRAINING_FORMAT, load_training_state
+    """What a ``model.init`` source tells about its training (``None`` values for engine checkpoints):
+
+    - ``epochs``: the epoch of the checkpoint that is loaded (``best.pt``: the best validation epoch);
+    - ``last_epoch``: the epochs the run completed - its ``last.pt`` beside the loaded file when present,
+      else ``epochs``;
+    - ``max_epochs``: its ``train.epochs``; ``horizon``: the explicit length of its poly curve
+      (``procedure.schedule_epochs``, else ``train.epochs``); ``config``: its config.
+    """
+    from training.runs import TRAINING_FORMAT
 
     p, head = open_weights_file(path)
-    info: dict[str, Any] = {"epochs": None, "max_epochs": None, "horizon": None, "config": None}
+    info: dict[str, Any] = {"epochs": None, "last_epoch": None, "max_epochs": None, "horizon": None,
+                            "config": None}
     if isinstance(head, dict) and head.get("format") == TRAINING_FORMAT:
-        state = load_training_state(p)
-        cfg = state.get("config") or {}
+        cfg = head.get("config") or {}
         info["config"] = cfg
-        info["epochs"] = int(state["epoch"])
-        info["max_epochs"] = int(cfg.get("train", {}).get("epochs", state["epoch"]))
+        info["epochs"] = int(head["epoch"])
+        last = p.parent / "last.pt"
+        info["last_epoch"] = info["epochs"]
+        if last.exists() and last.resolve() != p.resolve():
+            _, last_head = open_weights_file(str(last))
+            if isinstance(last_head, dict) and last_head.get("format") == TRAINING_FORMAT:
+                info["last_epoch"] = int(last_head["epoch"])
+        info["max_epochs"] = int(cfg.get("train", {}).get("epochs", head["epoch"]))
         horizon = (cfg.get("procedure") or {}).get("schedule_epochs")
         info["horizon"] = int(horizon) if horizon else info["max_epochs"]
     return info
@@ -188,9 +205,9 @@ class BodyFinetuneProcedure(_TransferProcedure):
 class ContinualLearningProcedure(BodyFinetuneProcedure):
     """Continual Learning (000 section 3.3): Body Fine-tuning's weights, the pre-training's decayed poly lr.
 
-    Options (module docstring): ``pretrain_epochs`` (null: the checkpoint's epoch), ``horizon_epochs``
-    (null: the pre-training run's schedule horizon if it extends beyond its epochs, else
-    ``pretrain_epochs + train.epochs``), ``head_task``.
+    Options (module docstring): ``pretrain_epochs`` (null: the pre-training run's last epoch),
+    ``horizon_epochs`` (null: the pre-training run's poly length, ``schedule_epochs`` or ``train.epochs``),
+    ``head_task``.
     """
 
     name = "continual"
@@ -209,25 +226,27 @@ class ContinualLearningProcedure(BodyFinetuneProcedure):
                 raise ConfigError(f"{source}: procedure.{key} must be a non-negative integer or null")
 
     def schedule_offsets(self) -> tuple[int, int]:
-        """``(E_pre, H)``: where the COVID-19 training starts on the poly curve, and the curve's length."""
+        """``(E_pre, H)``: where the COVID-19 training starts on the poly curve (the pre-training's last
+        epoch), and the curve's explicit length (module docstring)."""
         info = pretrained_info(self.config["model"]["init"])
         pre = self.opts["pretrain_epochs"]
         if pre is None:
-            pre = info["epochs"]
+            pre = info["last_epoch"]
         if pre is None:
             raise ProcedureError("continual: model.init is not a training checkpoint, so the pre-training's epochs "
-                                 "are unknown; set procedure.pretrain_epochs")
+                                 "are unknown; set procedure.pretrain_epochs and procedure.horizon_epochs")
         horizon = self.opts["horizon_epochs"]
         if horizon is None:
-            h_pre = info["horizon"]
-            horizon = h_pre if h_pre is not None and h_pre > pre and self.opts["pretrain_epochs"] is None \
-                else pre + self.max_epochs
-        if horizon <= pre:
-            raise ProcedureError(f"continual: the poly horizon ({horizon} epochs) must exceed the pre-training's "
-                                 f"{pre} epochs")
+            horizon = info["horizon"]
+        if horizon is None:
+            raise ProcedureError("continual: the pre-training's poly length is unknown (model.init is not a training "
+                                 "checkpoint); set procedure.horizon_epochs")
         if pre + self.max_epochs > horizon:
-            self.trainer.note(f"continual: pre-training ({pre}) + train.epochs ({self.max_epochs}) exceed the poly "
-                              f"horizon {horizon}; the learning rate reaches 0 before the end")
+            raise ProcedureError(
+                f"continual: the pre-training ran {pre} epochs and train.epochs is {self.max_epochs}, but the poly "
+                f"curve is {horizon} epochs long, so the learning rate would reach 0 at COVID-19 epoch "
+                f"{max(horizon - pre, 0) + 1}. Pre-train with procedure.schedule_epochs = {pre + self.max_epochs} "
+                f"(one curve over both phases), or set procedure.horizon_epochs >= {pre + self.max_epochs}")
         return int(pre), int(horizon)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer):
