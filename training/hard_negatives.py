@@ -77,14 +77,6 @@ def read_host(scan: str | Path) -> tuple[CTVolume, np.ndarray]:
     return volume, lung
 
 
-def negative_slices(scan: str | Path, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 (n, size, size), lung {0,1} (n, size, size))``: the lung slices of an HU scan in the
-    COVID-19-CT-Seg slices' domain, with the engine's HU lung mask resized alike."""
-    volume, lung = read_host(scan)
-    images, lung_small, _, _ = host_slices(volume.hu, lung, size)
-    return images, lung_small
-
-
 def synthetic_slices(scan: str | Path, seeds: Sequence[int], size: int = SIZE,
                      shape_bank: "synthesis.ShapeBank | None" = None,
                      config: "synthesis.LesionConfig | None" = None,
@@ -93,13 +85,13 @@ def synthetic_slices(scan: str | Path, seeds: Sequence[int], size: int = SIZE,
 
     Returns arrays ``images``, ``lung``, ``infection`` and ``kind`` (0 = real negative, 1 = synthetic)."""
     volume, lung = read_host(scan)
-    parts = [host_slices(volume.hu, lung, size, intensity=intensity)[:3] + (np.zeros(0),)]
+    parts = [host_slices(volume.hu, lung, size, intensity=intensity)[:3]]
     kinds = [np.zeros(len(parts[0][0]), np.uint8)]
     for seed in seeds:
         case = synthesis.synthesize(volume.hu, lung, volume.spacing_zyx, int(seed), config, shape_bank)
         images, lung_s, inf, _ = host_slices(case.hu, lung, size, infection=case.mask, intensity=intensity)
         keep = inf.reshape(len(inf), -1).any(axis=1)     # lesion-free slices would repeat the negatives
-        parts.append((images[keep], lung_s[keep], inf[keep], np.zeros(0)))
+        parts.append((images[keep], lung_s[keep], inf[keep]))
         kinds.append(np.ones(int(keep.sum()), np.uint8))
     return {"images": np.concatenate([p[0] for p in parts]), "lung": np.concatenate([p[1] for p in parts]),
             "infection": np.concatenate([p[2] for p in parts]), "kind": np.concatenate(kinds)}

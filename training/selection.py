@@ -31,14 +31,14 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from COVIDLesionSegLib import catalogue, checks, io
+from COVIDLesionSegLib import catalogue
 from COVIDLesionSegLib.evaluation import read_slice_labels, slice_agreement
 from COVIDLesionSegLib.metrics import dice
 from COVIDLesionSegLib.network_predictor import NetworkInfectionModel
 from COVIDLesionSegLib.postprocess import InfectionPostprocess
-from COVIDLesionSegLib.predictor import HULungModel
 from COVIDLesionSegLib.volume import CTVolume
 from training.config import shared_data_dir
+from training.hard_negatives import read_host
 
 SHARED = shared_data_dir()
 #: The post-processing settings tried on the validation data.
@@ -48,7 +48,8 @@ GRID = {"min_component_ml": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0), "min_hu": (None, -8
 
 @dataclass
 class Scan:
-    """A scan as the engine sees it, its ``hu-lungs`` mask and, for synthetic copies, the exact lesion mask."""
+    """A scan as the engine sees it, its ``hu-lungs`` mask (bool) and, for synthetic copies, the exact lesion
+    mask."""
 
     name: str
     volume: CTVolume
@@ -57,10 +58,7 @@ class Scan:
 
     @classmethod
     def read(cls, path: str | Path, mask: str | Path | None = None) -> "Scan":
-        image, _ = io.read_image(path)
-        image, _ = checks.check_ct(image, None)
-        volume = CTVolume.from_image(image, name=io.case_name(path), source=str(path))
-        lungs = HULungModel().segment(volume)
+        volume, lungs = read_host(path)
         truth = None
         if mask is not None:
             truth = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(mask)), "LPS")) > 0

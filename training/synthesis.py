@@ -398,15 +398,10 @@ def synthesize_file(host: str | Path, out_dir: str | Path, seed: int, shape_bank
     Refuses to overwrite unless ``overwrite``; every file is written atomically."""
     import SimpleITK as sitk
 
-    from COVIDLesionSegLib import checks, io
     from COVIDLesionSegLib.outputs import atomic_write, atomic_write_text
-    from COVIDLesionSegLib.predictor import HULungModel
-    from COVIDLesionSegLib.volume import CTVolume
+    from training.hard_negatives import read_host   # imports this module: import it here, not at the top
 
-    image, _ = io.read_image(host)
-    image, _ = checks.check_ct(image, None)
-    volume = CTVolume.from_image(image, name=io.case_name(host), source=str(host))
-    lung = HULungModel().segment(volume) > 0
+    volume, lung = read_host(host)
     case = synthesize(volume.hu, lung, volume.spacing_zyx, seed, config, shape_bank)
     out_dir = Path(out_dir)
     stem = f"{volume.name}_syn{seed}"

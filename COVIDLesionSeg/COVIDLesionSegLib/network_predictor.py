@@ -230,26 +230,25 @@ class NetworkModel:
                 sink: Callable[[np.ndarray, np.ndarray], None], progress: Optional[ProgressCallback],
                 what: str) -> None:
         """Slice-batched inference: ``sink(z_indices, probs (n, K, h, w) on the box)`` per batch."""
-        ys, xs = box_yx if self.crop == "lung_bbox" else (slice(None), slice(None))
+        whole = self.crop != "lung_bbox"
+        ys, xs = (slice(None), slice(None)) if whole else box_yx
         n = len(zs)
         bs = self.batch_size
         with torch.inference_mode():
             for start in range(0, n, bs):
                 zb = zs[start:start + bs]
                 x = np.asarray(hu[zb][:, ys, xs], dtype=np.float32)
-                if self.crop != "lung_bbox":
+                if whole:
                     x, inside = pad_to_square(x)      # whole slices keep their proportions (see its docstring)
                 h, w = x.shape[1:]
                 x = resize_slices(x, self.slice_size, mode="bilinear")
                 x = apply_intensity(x, self.intensity)
                 probs = self._probabilities(self._forward(self._input_tensor(x)), all_channels)
                 probs = resize_slices(probs, (h, w), mode="bilinear").float().cpu().numpy()
-                if self.crop != "lung_bbox":
-                    probs = probs[..., inside[0], inside[1]]
-                if self.crop == "lung_bbox":
-                    sink(zb, probs)
+                if whole:
+                    sink(zb, probs[..., inside[0], inside[1]][..., box_yx[0], box_yx[1]])
                 else:
-                    sink(zb, probs[..., box_yx[0], box_yx[1]])
+                    sink(zb, probs)
                 report(progress, (start + len(zb)) / n, f"{what}: slices {start + len(zb)}/{n}")
 
     def _run_3d(self, hu: np.ndarray, box: tuple[slice, ...], spacing: Sequence[float], all_channels: bool,

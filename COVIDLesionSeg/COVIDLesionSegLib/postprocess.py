@@ -3,7 +3,7 @@
 A 2D network decides slice by slice, so its false positives on healthy lung are small and isolated: specks
 on a vessel crossing, a stretch of fissure, partial volume at the diaphragm (docs/default_models.md).
 Real COVID-19 opacities are three-dimensional patches of centimetres (Pan et al., Radiology 2020;295:715;
-Chung et al., Radiology 2020;295:202) with an attenuation above aerated lung. Three rules, each a
+Chung et al., Radiology 2020;295:202) with an attenuation above aerated lung. Four rules, each a
 checkpoint setting (``output.postprocess``) chosen on validation data only (never on the external scans):
 
 * ``min_hu``: voxels whose HU (after a Gaussian of ``smoothing_mm``, so single noisy voxels do not

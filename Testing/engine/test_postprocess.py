@@ -49,3 +49,19 @@ def test_bad_settings_are_refused():
         InfectionPostprocess.from_spec({"min_hu": 0, "max_hu": -100})
     with pytest.raises(ValueError, match=">= 0"):
         InfectionPostprocess.from_spec({"min_component_ml": -1})
+
+
+def test_min_rise_floor_follows_the_scan_s_own_lung_baseline():
+    """The same opacity (+250 HU over its lung) is kept in an inflated and in a dense (free-breathing) lung;
+    an absolute floor would drop it in one of them."""
+    rule = InfectionPostprocess(min_rise_hu=150.0, smoothing_mm=0.0)
+    for baseline in (-850.0, -700.0):
+        hu, mask = _blobs()
+        hu[:] = baseline
+        hu[5:10, 5:15, 5:15] = baseline + 250.0      # the lesion
+        hu[15, 30:32, 30:35] = baseline + 100.0      # too faint: below the +150 HU floor
+        lungs = np.ones(hu.shape, dtype=bool)
+        kept = rule.apply(mask, hu, SPACING, lungs)
+        assert kept[5:10, 5:15, 5:15].all() and not kept[15].any(), baseline
+    with pytest.raises(ValueError, match="lung mask"):
+        rule.apply(mask, hu, SPACING)
