@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="known models and where their files are")
     msub.add_parser("verify", help="check every local model file against its sha256")
     dl = msub.add_parser("download", help="fetch a model listed with a download URL into the model cache")
-    dl.add_argument("model_id", metavar="ID")
+    dl.add_argument("model_id", metavar="ID", help="a model listed with a download URL (see `models list`)")
     dl.add_argument("--overwrite", action="store_true", help="fetch again even if a verified copy is cached")
     imp = msub.add_parser("import", help="add a checkpoint file to the model cache")
     imp.add_argument("path", type=Path, metavar="PATH",

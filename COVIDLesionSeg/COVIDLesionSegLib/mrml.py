@@ -124,7 +124,6 @@ def volume_node_from_image(image: sitk.Image, scene, name: str = "CT", volume_no
     Used by the batch runner under plain Python, where DICOM series are read with the engine's reader.
     """
     vtk = _vtk()
-    slicer = _slicer()
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("only 3D single-component images can become scalar volume nodes")
     array = sitk.GetArrayFromImage(image)
@@ -550,7 +549,7 @@ def fill_table(table_node, quantities: Mapping[str, Any], input_volume_node=None
             columns.append(column)
         for label, values in rows:
             region.InsertNextValue(label)
-            for column, value in zip(columns, values):
+            for column, value in zip(columns, values, strict=True):
                 column.InsertNextValue(value)
         table.AddColumn(region)
         for column in columns:

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from COVIDLesionSegLib.phantom import make_chest_phantom
-from Testing.conftest import readme_python_blocks
+from Testing.conftest import REPO_ROOT, readme_python_blocks
 
 
 def test_readme_plain_python_example_runs(tmp_path, monkeypatch, capsys):
@@ -27,3 +27,13 @@ def test_readme_plain_python_example_runs(tmp_path, monkeypatch, capsys):
     right = labels == 1
     dice = 2 * np.count_nonzero(right & (truth["right_lung"] > 0)) / (right.sum() + (truth["right_lung"] > 0).sum())
     assert dice > 0.85
+
+
+def test_readme_export_example_writes_into_the_run_folder():
+    """`training export` writes RUN/model.pt by default; the README's example must not put it elsewhere (it
+    once wrote model.pt into the repository root) and must import the file it wrote."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    export = [line for line in text.splitlines() if "-m training export" in line]
+    assert export and all(" -o " not in line for line in export), export
+    run = export[0].split("-m training export", 1)[1].split()[0]
+    assert f"models import {run}/model.pt" in text
