@@ -14,7 +14,6 @@ and torch only inside the worker process, and only for learned models.
 import contextlib
 import enum
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,8 +22,12 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 # The parameter node wrapper and the GUI connectors need the desktop application (Qt, CTK). The module file
@@ -33,6 +36,7 @@ from slicer.util import VTKObservationMixin
 try:
     import ctk
     import qt
+
     from slicer.parameterNodeWrapper import GuiConnector, parameterNodeGuiConnector, parameterNodeWrapper
     from slicer.parameterNodeWrapper.util import findFirstAnnotation, splitAnnotations, unannotatedType
     from slicer.parameterNodeWrapper.validators import Validator as _AnnotationBase
@@ -45,7 +49,6 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTabl
 
 MODULE_DIR = Path(__file__).resolve().parent
 TERMINOLOGY_FILE = MODULE_DIR / "Resources" / "COVIDLesionSeg.term.json"
-SETTINGS_MODEL_DIR = "COVIDLesionSeg/ModelCacheFolder"
 POLL_INTERVAL_MS = 200
 
 
@@ -102,22 +105,23 @@ CT segmentation dataset. Models trained on COVID-19-CT-Seg are for non-commercia
 
 
 def loadTerminology(terminologiesLogic=None) -> Optional[str]:
-    """Load ``Resources/COVIDLesionSeg.term.json`` into the Terminologies logic; returns its context name."""
-    import json
+    """Load ``Resources/COVIDLesionSeg.term.json`` into the Terminologies logic; returns its context name.
+
+    The loading itself is the engine's (``mrml.load_terminology``, also used by the tests and batch scenes);
+    here a failure is logged instead of raised, since it runs from a start-up signal with no caller to tell.
+    """
+    from COVIDLesionSegLib.mrml import load_terminology
 
     if terminologiesLogic is None:
         terminologiesModule = getattr(slicer.modules, "terminologies", None)
         if terminologiesModule is None:
             return None
         terminologiesLogic = terminologiesModule.logic()
-    context = json.loads(TERMINOLOGY_FILE.read_text(encoding="utf-8"))["SegmentationCategoryTypeContextName"]
-    loaded = vtk.vtkStringArray()
-    terminologiesLogic.GetLoadedTerminologyNames(loaded)
-    if context not in {loaded.GetValue(i) for i in range(loaded.GetNumberOfValues())}:
-        if not terminologiesLogic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE)):
-            logging.error(f"COVIDLesionSeg: could not load the terminology file {TERMINOLOGY_FILE}")
-            return None
-    return context
+    try:
+        return load_terminology(terminologiesLogic, TERMINOLOGY_FILE)
+    except RuntimeError as exc:
+        logging.error(f"COVIDLesionSeg: {exc}")
+        return None
 
 
 # ============================================================================================================
@@ -309,12 +313,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self.onPollTimer)
 
-        savedFolder = qt.QSettings().value(SETTINGS_MODEL_DIR, "")
-        if savedFolder:
-            os.environ["COVIDLESIONSEG_MODEL_DIR"] = str(savedFolder)
-        from COVIDLesionSegLib import catalogue
-
-        self.ui.modelCacheFolderPathLineEdit.currentPath = str(catalogue.cache_dir())
+        self.ui.modelCacheFolderPathLineEdit.currentPath = str(self.logic.modelsPath)
         self.ui.modelCacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelCacheFolderChanged)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -569,8 +568,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelCacheFolderChanged(self, path: str) -> None:
         if not path:
             return
-        qt.QSettings().setValue(SETTINGS_MODEL_DIR, path)
-        os.environ["COVIDLESIONSEG_MODEL_DIR"] = path  # read by the catalogue here and in the worker process
+        self.logic.modelsPath = path  # saved in the settings and used by this logic's runs and workers
         populateModelComboBox(self.ui.modelSelector)
         self.updateModelDescription()
 
@@ -645,24 +643,19 @@ def _formatSeconds(seconds: float) -> str:
 # Logic (no Qt: runs in Slicer and on slicer-core)
 # ============================================================================================================
 
-#: Python packages the engine needs beyond Slicer's own (import name, pip requirement).
-BASE_REQUIREMENTS = (("scipy", "scipy>=1.10"), ("skimage", "scikit-image>=0.21"))
-#: Extra packages of the learned models; torch itself comes from the PyTorch extension (PyTorchUtils).
-NETWORK_REQUIREMENTS = (("monai", "monai>=1.4"),)
-#: Packages pip must never replace: Slicer's own builds (and the PyTorch extension's torch).
-PROTECTED_PACKAGES = ("torch", "SimpleITK")
-
-
 class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     """Segmentation logic usable without the widget (scripts, batch, tests).
 
-    ``process`` is documented in :meth:`COVIDLesionSegLib.slicer_logic.SegmentationLogic.process`; this class
-    adds the parts that involve the Slicer application (dependencies, parameter node).
+    Slicer's camelCase face of the engine's :class:`COVIDLesionSegLib.slicer_logic.SegmentationLogic`
+    (snake_case): it owns the settings (the model cache folder) and the services (models, dependencies) that
+    the widget only asks the user about, so a script in the Python console gets the same behaviour.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._core = None
+        #: How dependencies are installed (a strategy object, ``COVIDLesionSegLib.dependencies``).
+        self.installer = None
 
     @property
     def core(self):
@@ -675,27 +668,65 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return COVIDLesionSegParameterNode(super().getParameterNode())
 
-    def inputProblem(self, volumeNode) -> Optional[str]:
-        from COVIDLesionSegLib.mrml import volume_node_problem
+    # -- settings ----------------------------------------------------------------------------------------------
+    @property
+    def modelsPath(self) -> Path:
+        """The model cache folder: the one saved in Slicer's settings (``COVIDLesionSeg/ModelCacheFolder``),
+        else ``COVIDLESIONSEG_MODEL_DIR``, else ``~/.cache/covidlesionseg/models``. Setting it saves it."""
+        return self.core.model_folder
 
-        return volume_node_problem(volumeNode)
+    @modelsPath.setter
+    def modelsPath(self, path) -> None:
+        self.core.model_folder = path
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def inputProblem(self, volumeNode) -> Optional[str]:
+        """None when ``volumeNode`` can be segmented, else the reason (for disabling the Segment button)."""
+        return self.core.input_problem(volumeNode)
 
     def existingGeneratedSegments(self, segmentationNode) -> list:
-        from COVIDLesionSegLib.mrml import existing_generated_segments
+        return self.core.existing_generated_segments(segmentationNode)
 
-        return existing_generated_segments(segmentationNode)
+    # -- running ------------------------------------------------------------------------------------------------
+    def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, device="auto",
+                lungsOnly: bool = False, waitForCompletion: bool = True, progressCallback=None,
+                replaceExisting=None, lungModel: Optional[str] = None, resultsTable=None,
+                useWorker: Optional[bool] = None, showSurfaces: bool = False, logCallback=None):
+        """Segment the lungs and COVID-19 infection of ``inputVolume``.
 
-    def process(self, inputVolume, outputSegmentation=None, model=None, device="auto", lungsOnly=False,
-                waitForCompletion=True, progressCallback=None, replaceExisting=None, **kwargs):
-        """Segment ``inputVolume``; see ``SegmentationLogic.process`` for every argument and the return value.
+        Args:
+            inputVolume: ``vtkMRMLScalarVolumeNode`` with a chest CT in Hounsfield units.
+            outputSegmentation: ``vtkMRMLSegmentationNode`` to write into; None creates one when the result
+                arrives (named after the input).
+            model: infection model id (None: the catalogue's default); ``lungModel`` likewise for the lungs.
+            device: "auto", "cpu", "cuda" or a :class:`Device`.
+            lungsOnly: segment the lungs only (no infection segment).
+            waitForCompletion: block until done (True; in this process unless ``useWorker``) or start the
+                worker process and return the running run at once (False; call ``run.poll()`` from a timer).
+            progressCallback: called with a ``COVIDLesionSegLib.worker.Progress``; in blocking in-process runs
+                it may raise ``COVIDLesionSegLib.progress.Cancelled`` to stop.
+            replaceExisting: this module's earlier segments in ``outputSegmentation``: True replaces them,
+                False keeps them (renamed "(previous)"), None replaces the unedited ones and keeps the edited
+                ones. The user's own segments are never touched.
+            resultsTable: ``vtkMRMLTableNode`` for the quantification (None: a new one).
+            useWorker: blocking runs only: run in a worker process (True) or in this process (None/False).
+            showSurfaces: also build the closed-surface (3D) representation.
+            logCallback: called with each line for the user's log.
 
-        Blocking calls (``waitForCompletion=True``) run in this process unless ``useWorker=True``; background
-        calls run the worker process and return a run to ``poll()``.
+        Returns:
+            a ``COVIDLesionSegLib.slicer_logic.SegmentationRun``; ``run.result`` holds the segmentation node,
+            the table node and the report once it has succeeded.
+
+        Raises (blocking runs): InputError, ModelError, Cancelled, WorkerError (``COVIDLesionSegLib.errors``);
+        background runs raise only for an invalid input found before the worker starts.
         """
         if isinstance(device, Device):
             device = device.value
-        return self.core.process(inputVolume, outputSegmentation, model, device, lungsOnly, waitForCompletion,
-                                 progressCallback, replaceExisting=replaceExisting, **kwargs)
+        return self.core.process(inputVolume, outputSegmentation, model=model, lung_model=lungModel,
+                                 device=device, lungs_only=lungsOnly, wait_for_completion=waitForCompletion,
+                                 use_worker=useWorker, progress_callback=progressCallback,
+                                 log_callback=logCallback, replace_existing=replaceExisting,
+                                 results_table=resultsTable, show_surfaces=showSurfaces)
 
     def exportTableCsv(self, tableNode, path) -> Path:
         from COVIDLesionSegLib.mrml import write_table_csv
@@ -729,80 +760,28 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
 
         return [(entry.model_id, status) for entry, status in catalogue.verify_models()]
 
-    # -- dependencies ------------------------------------------------------------------------------------------------
+    # -- dependencies (decided and installed by COVIDLesionSegLib.dependencies) -------------------------------------
     @staticmethod
     def modelNeedsTorch(modelId: str) -> bool:
         """Learned models need torch; the built-in Hounsfield-unit models do not. "" means a model import."""
-        if not modelId:
-            return True
-        from COVIDLesionSegLib import catalogue
+        from COVIDLesionSegLib.dependencies import model_needs_torch
 
-        try:
-            return catalogue.get_entry(modelId).source != "built-in"
-        except Exception:  # noqa: BLE001 - unknown id: the run will report it; assume the worst here
-            return True
+        return model_needs_torch(modelId)
 
     def missingDependencies(self, modelId: str, includeTorch: Optional[bool] = None) -> list:
         """Pip requirement strings (and "torch") that are not importable for running ``modelId``."""
-        import importlib
-        import importlib.util
+        from COVIDLesionSegLib.dependencies import missing_dependencies
 
-        importlib.invalidate_caches()  # packages installed a moment ago must be found
-        needTorch = self.modelNeedsTorch(modelId) if includeTorch is None else includeTorch
-        missing = [req for name, req in BASE_REQUIREMENTS if importlib.util.find_spec(name) is None]
-        if needTorch:
-            if importlib.util.find_spec("torch") is None:
-                missing.append("torch")
-            missing += [req for name, req in NETWORK_REQUIREMENTS if importlib.util.find_spec(name) is None]
-        return missing
+        return missing_dependencies(modelId, includeTorch)
 
     def installDependencies(self, modelId: str, includeTorch: Optional[bool] = None, repair: bool = False) -> None:
-        """Install what ``modelId`` needs (the caller asked the user first). Needs the Slicer application.
+        """Install what ``modelId`` needs (the caller asked the user first); ``repair`` reinstalls. Needs the
+        Slicer application (``COVIDLesionSegLib.dependencies.SlicerInstaller``)."""
+        if self.installer is None:
+            from COVIDLesionSegLib.dependencies import SlicerInstaller
 
-        torch comes from the PyTorch extension (``PyTorchUtils``), which picks the build matching the GPU
-        driver; the other packages come from pip through ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or
-        ``slicer.util.pip_install`` (before), with torch and SimpleITK excluded so that pip never replaces
-        Slicer's own builds. ``repair`` reinstalls the packages (without their dependencies).
-        """
-        import importlib.util
-
-        needTorch = self.modelNeedsTorch(modelId) if includeTorch is None else includeTorch
-        if needTorch and (repair or importlib.util.find_spec("torch") is None):
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(_("This model needs PyTorch. Install the 'PyTorch' extension from the "
-                                     "Extensions Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if repair or not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
-                    raise RuntimeError(_("PyTorch was not installed."))
-
-        requirements = [req for name, req in BASE_REQUIREMENTS
-                        if repair or importlib.util.find_spec(name) is None]
-        if needTorch:
-            requirements += [req for name, req in NETWORK_REQUIREMENTS
-                             if repair or importlib.util.find_spec(name) is None]
-        if not requirements:
-            return
-        if repair:
-            for requirement in requirements:
-                slicer.util.pip_install(f"--force-reinstall --no-deps {requirement}")
-            return
-        try:
-            from slicer import packaging as slicerPackaging  # Slicer 5.12+
-        except ImportError:
-            slicerPackaging = None
-        if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
-            from packaging.requirements import Requirement
-
-            slicerPackaging.pip_ensure([Requirement(r) for r in requirements], skip_packages=list(PROTECTED_PACKAGES),
-                                       prompt_install=False, requester="COVIDLesionSeg")
-        else:
-            for requirement in requirements:
-                # MONAI depends only on numpy and torch: --no-deps keeps pip away from Slicer's torch.
-                noDeps = " --no-deps" if requirement.startswith("monai") else ""
-                slicer.util.pip_install(f"{requirement}{noDeps}")
+            self.installer = SlicerInstaller()
+        self.installer.install(modelId, includeTorch, repair)
 
 
 # ============================================================================================================
@@ -870,7 +849,6 @@ class COVIDLesionSegTest(ScriptedLoadableModuleTest):
 
     def test_BackgroundRunAndRerun(self):
         """Worker-process run (as the GUI does it), then a re-run that keeps a user-added segment."""
-        import numpy as np
 
         self.delayDisplay("Segmenting in a worker process")
         volume, _truth = self._phantomVolume("Phantom CT 2")

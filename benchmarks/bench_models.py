@@ -11,7 +11,7 @@ passes of a batch of one at the paper's input size in ``eval()``/``inference_mod
   imports), and their difference (weights + activations). A fresh subprocess per architecture keeps one
   network's peak from hiding another's.
 
-Input sizes (batch 1), from the papers:
+Input sizes (batch 1), from the papers (000 ... 004: the numbers of docs/CITATIONS.md):
 
 - 000 (Hybrid-encoder) and 001 (Multi-encoder): 000 states "the input patch size is set as 50x160x192",
   but these networks use 002's layer table (strides (1,2,2), (2,2,2) x3, (1,2,2)), which needs sizes that
@@ -47,13 +47,14 @@ import time
 from typing import Any
 
 # Paper (seed file prefix) -> spatial input size at batch 1, channels taken from the config.
-PAPER_STATED = {"000": (50, 160, 192), "001": (50, 160, 192)}  # what the text says (see the docstring)
+# Keyed by the architectures' citation keys (COVIDLesionSegLib/models/citations.py; 000 ... 004 above).
+PAPER_STATED = {"wang_hybrid_encoder": (50, 160, 192), "wang_multi_encoder": (50, 160, 192)}  # the text's (see above)
 PAPER_INPUT = {
-    "000": (56, 160, 192),
-    "001": (56, 160, 192),
-    "002": (56, 160, 192),
-    "003": (352, 352),
-    "004": (512, 512),
+    "wang_hybrid_encoder": (56, 160, 192),
+    "wang_multi_encoder": (56, 160, 192),
+    "zhang_collaborative": (56, 160, 192),
+    "liu_ncovsegnet": (352, 352),
+    "bizopoulos_grid": (512, 512),
 }
 QUICK_INPUT = {2: (64, 64), 3: (16, 64, 64)}
 
@@ -70,7 +71,7 @@ def _spatial_dims(arch, args: dict[str, Any]) -> int:
 
 def _input_shape(arch, args: dict[str, Any], quick: bool) -> list[int]:
     dims = _spatial_dims(arch, args)
-    spatial = QUICK_INPUT[dims] if quick else PAPER_INPUT.get(arch.paper[:3])
+    spatial = QUICK_INPUT[dims] if quick else PAPER_INPUT.get(arch.paper)
     if spatial is None or len(spatial) != dims:
         spatial = QUICK_INPUT[dims]
     return [1, int(args.get("in_channels", 1)), *spatial]
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry.update({"arch": arch_id, "fallback": True, "fallback_reason": reason})
             else:
                 entry["fallback"] = False
-            stated = PAPER_STATED.get(arch.paper[:3])
+            stated = PAPER_STATED.get(arch.paper)
             if stated:
                 entry["paper_input"] = list(stated)
         results.append(entry)

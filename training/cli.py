@@ -117,9 +117,9 @@ def cmd_run(args) -> int:
 
 def cmd_cv(args) -> int:
     from training.config import load_config
+    from training.runs import RunDir
     from training.tables import build_table, write_tables
     from training.trainer import load_cases, protocol_folds, run_dir_for
-    from training.runs import RunDir
 
     config = load_config(args.config, args.overrides)
     folds = protocol_folds(config, load_cases(config["data"]))
@@ -160,9 +160,9 @@ def cmd_table(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from training.export import export_run
-
     import json
+
+    from training.export import export_run
 
     postprocess = json.loads(args.postprocess) if args.postprocess else None
     path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id,
@@ -188,11 +188,13 @@ def cmd_dryrun(args) -> int:
 
 
 def cmd_procedures(args) -> int:
+    from COVIDLesionSegLib.models.citations import cite
     from training.procedures import procedures
 
     for name, cls in sorted(procedures().items()):
         opts = json.dumps(cls.options) if cls.options else "no options"
-        print(f"{name:24s} {cls.summary} [{cls.paper}] ({opts})")
+        print(f"{name:24s} {cls.summary} [{cite(cls.paper)}] ({opts})")
+    print("papers: docs/CITATIONS.md (authors, titles, venues, arXiv identifiers)")
     return EXIT_OK
 
 
@@ -216,12 +218,14 @@ def cmd_synthesize(rest: Sequence[str]) -> int:
     return synthesize_main(rest)
 
 
+#: Kinds of error (``COVIDLesionSegLib.errors``) that mean the command was given something it cannot use: bad
+#: usage (exit 2); every other error is a run that failed (exit 1).
+USAGE_KINDS = ("config", "bad_input", "run", "device")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from COVIDLesionSegLib.errors import InputError
-    from training.config import ConfigError
-    from training.procedures import ProcedureError
-    from training.runs import RunError
-    from training.trainer import TrainingError, TrainingInterrupted
+    from COVIDLesionSegLib.errors import CovidLesionSegError, user_message
+    from training.trainer import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synthesize"]:   # argparse would keep "--help" for itself; the synthesiser parses its own
@@ -240,12 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("aborted (second Ctrl-C); the last completed epoch's last.pt is kept")
         return EXIT_INTERRUPTED
-    except (ConfigError, ProcedureError, InputError, RunError) as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except TrainingError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
+    except CovidLesionSegError as exc:  # the engine's translator: one message for one condition everywhere
+        message = user_message(exc)
+        _err(message.text)
+        return EXIT_USAGE if message.kind in USAGE_KINDS else EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,17 +63,13 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Defined in the leaf module training.paths (the procedures import it there, not from here, so that this module
+# may validate the procedures' options without an import circle); re-exported because callers know them here.
+from training.paths import CONFIG_DIR, REPO_ROOT, ConfigError, expand_path, shared_data_dir
 
-
-class ConfigError(ValueError):
-    """A config file is missing, malformed, or holds unknown keys / values of the wrong type."""
-
-
-def shared_data_dir() -> Path:
-    """``COVIDLESIONSEG_SHARED_DATA`` or ``../shared/data`` beside the checkout (as ``Testing/conftest.py``)."""
-    return Path(os.environ.get("COVIDLESIONSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+__all__ = ["CONFIG_DIR", "REPO_ROOT", "ConfigError", "expand_path", "shared_data_dir", "load_config",
+           "config_from_dict", "validate", "dump_config", "config_diff", "get", "deep_merge", "apply_overrides",
+           "resolve_config_path"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,38 +314,40 @@ def _fill(schema: Mapping[str, Any], data: Mapping[str, Any], where: str, source
     for key, default in schema.items():
         present = key in data
         value = data[key] if present else ({} if isinstance(default, Mapping) else copy.deepcopy(default))
-        full = where + key
-        if default is FREE:
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {full} must be a mapping, got {value!r}")
-            out[key] = copy.deepcopy(dict(value))
-        elif isinstance(default, Mapping) and "__mapping_of__" in default:
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {full} must map names to data set specs, got {value!r}")
-            out[key] = {name: _fill(default["__mapping_of__"], spec, f"{full}.{name}.", source)
-                        for name, spec in value.items()}
-        elif isinstance(default, Mapping) and default.get("__procedure__"):
-            if not present:
-                value = {"name": "supervised"}
-            if isinstance(value, str):
-                value = {"name": value}
-            if not isinstance(value, Mapping) or not isinstance(value.get("name", "supervised"), str):
-                raise ConfigError(f"{source}: {full} must be a procedure name or {{name: ..., options}}, got {value!r}")
-            out[key] = {"name": "supervised", **copy.deepcopy(dict(value))}
-        elif isinstance(default, Mapping):
-            out[key] = _fill(default, value if value is not None else {}, full + ".", source)
-        else:
-            if isinstance(default, float) and isinstance(value, str) and _FLOAT.match(value.strip()):
-                value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-            if not _type_ok(value, default):
-                raise ConfigError(f"{source}: {full} must be a {type(default).__name__} (default {default!r}), "
-                                  f"got {value!r}")
-            out[key] = copy.deepcopy(value)
+        out[key] = _fill_value(default, value, present, where + key, source)
     return out
+
+
+def _fill_value(default: Any, value: Any, present: bool, full: str, source: str) -> Any:
+    """One schema entry: a free-form mapping, a mapping of data set specs, the procedure, a nested section, or
+    a plain value checked against its default's type."""
+    if default is FREE:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {full} must be a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
+    if isinstance(default, Mapping) and "__mapping_of__" in default:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {full} must map names to data set specs, got {value!r}")
+        return {name: _fill(default["__mapping_of__"], spec, f"{full}.{name}.", source) for name, spec in value.items()}
+    if isinstance(default, Mapping) and default.get("__procedure__"):
+        if not present:
+            value = {"name": "supervised"}
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping) or not isinstance(value.get("name", "supervised"), str):
+            raise ConfigError(f"{source}: {full} must be a procedure name or {{name: ..., options}}, got {value!r}")
+        return {"name": "supervised", **copy.deepcopy(dict(value))}
+    if isinstance(default, Mapping):
+        return _fill(default, value if value is not None else {}, full + ".", source)
+    if isinstance(default, float) and isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    if not _type_ok(value, default):
+        raise ConfigError(f"{source}: {full} must be a {type(default).__name__} (default {default!r}), got {value!r}")
+    return copy.deepcopy(value)
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -367,28 +365,6 @@ def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_path(value: str | None) -> str | None:
-    """Expand ``${SHARED_DATA}``, ``${REPO}`` and environment variables in a path."""
-    if value is None:
-        return None
-
-    def repl(m: re.Match) -> str:
-        name = m.group(1)
-        if name == "SHARED_DATA":
-            return str(shared_data_dir())
-        if name == "REPO":
-            return str(REPO_ROOT)
-        if name in os.environ:
-            return os.environ[name]
-        raise ConfigError(f"path {value!r} uses ${{{name}}}, which is not set (known: SHARED_DATA, REPO, CONFIG_DIR "
-                          "and environment variables)")
-
-    return os.path.expanduser(_VAR.sub(repl, str(value)))
-
-
 def validate(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
     """Fill defaults and check keys, types and choices; returns the complete config.
 
@@ -403,19 +379,35 @@ def validate(config: Mapping[str, Any], source: str = "config") -> dict[str, Any
     for name, spec in out["aux_data"].items():
         if spec["cache"] not in CHOICES["data.cache"]:
             raise ConfigError(f"{source}: aux_data.{name}.cache must be one of {CHOICES['data.cache']}")
-    if out["train"]["channels_last"] not in ("auto", True, False):
-        raise ConfigError(f"{source}: train.channels_last must be auto, true or false, got {out['train']['channels_last']!r}")
-    for key in ("epochs", "batch_size", "val_every", "checkpoint_every"):
-        if out["train"][key] is None or out["train"][key] < 1:
-            raise ConfigError(f"{source}: train.{key} must be a positive integer, got {out['train'][key]!r}")
-    ipe = out["train"]["iterations_per_epoch"]
-    if ipe is not None and (not isinstance(ipe, int) or ipe < 1):
-        raise ConfigError(f"{source}: train.iterations_per_epoch must be a positive integer or null, got {ipe!r}")
-    if out["train"]["patience"] is not None and (not isinstance(out["train"]["patience"], int)
-                                                 or out["train"]["patience"] < 1):
-        raise ConfigError(f"{source}: train.patience must be a positive integer or null, got {out['train']['patience']!r}")
+    _check_train(out["train"], source)
     if out["optim"]["lr"] <= 0:
         raise ConfigError(f"{source}: optim.lr must be > 0, got {out['optim']['lr']}")
+    _check_metrics_and_model(out, source)
+    for spec_where, spec in [("data", out["data"])] + [(f"aux_data.{n}", s) for n, s in out["aux_data"].items()]:
+        if spec["reader"] is None or spec["root"] is None:
+            raise ConfigError(f"{source}: {spec_where}.reader and {spec_where}.root are required")
+    from .procedures import validate_procedure_options
+
+    out["procedure"] = validate_procedure_options(out["procedure"], source)
+    return out
+
+
+def _check_train(train: Mapping[str, Any], source: str) -> None:
+    """The ``train`` section's values that the schema's types cannot check."""
+    if train["channels_last"] not in ("auto", True, False):
+        raise ConfigError(f"{source}: train.channels_last must be auto, true or false, got {train['channels_last']!r}")
+    for key in ("epochs", "batch_size", "val_every", "checkpoint_every"):
+        if train[key] is None or train[key] < 1:
+            raise ConfigError(f"{source}: train.{key} must be a positive integer, got {train[key]!r}")
+    ipe = train["iterations_per_epoch"]
+    if ipe is not None and (not isinstance(ipe, int) or ipe < 1):
+        raise ConfigError(f"{source}: train.iterations_per_epoch must be a positive integer or null, got {ipe!r}")
+    if train["patience"] is not None and (not isinstance(train["patience"], int) or train["patience"] < 1):
+        raise ConfigError(f"{source}: train.patience must be a positive integer or null, got {train['patience']!r}")
+
+
+def _check_metrics_and_model(out: Mapping[str, Any], source: str) -> None:
+    """Metric names and the architecture exist (the engine's metrics and model registry)."""
     from COVIDLesionSegLib.metrics import METRIC_NAMES
 
     for key in ("metrics", "val_metrics"):
@@ -430,13 +422,6 @@ def validate(config: Mapping[str, Any], source: str = "config") -> dict[str, Any
     if out["model"]["arch"] not in archs:
         raise ConfigError(f"{source}: model.arch {out['model']['arch']!r} is not a registered architecture; known: "
                           f"{', '.join(sorted(archs))}")
-    for spec_where, spec in [("data", out["data"])] + [(f"aux_data.{n}", s) for n, s in out["aux_data"].items()]:
-        if spec["reader"] is None or spec["root"] is None:
-            raise ConfigError(f"{source}: {spec_where}.reader and {spec_where}.root are required")
-    from .procedures import validate_procedure_options
-
-    out["procedure"] = validate_procedure_options(out["procedure"], source)
-    return out
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), validate_it: bool = True) -> dict[str, Any]:

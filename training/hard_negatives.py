@@ -68,9 +68,7 @@ def host_slices(hu: np.ndarray, lung: np.ndarray, size: int = SIZE,
 
 def read_host(scan: str | Path) -> tuple[CTVolume, np.ndarray]:
     """A host scan in canonical orientation and the engine's ``hu-lungs`` mask of it (bool)."""
-    image, _ = io.read_image(scan)
-    image, _ = checks.check_ct(image, None)
-    volume = CTVolume.from_image(image, name=io.case_name(scan), source=str(scan))
+    volume = checks.load_volume(scan)
     lung = HULungModel().segment(volume) > 0
     if not lung.any():
         raise ValueError(f"{scan}: no lung found; give a chest CT in Hounsfield units")
@@ -140,7 +138,7 @@ def build(out: str | Path, slices_dir: str | Path | None = SHARED / "covid19ctse
     fields = list(rows[0]) if rows else ["row", "group", "source_group"]
     fields += [k for k in ("host", "kind") if k not in fields]
     n_added = 0
-    for i, (s, g) in enumerate(zip(scans, groups)):
+    for i, (s, g) in enumerate(zip(scans, groups, strict=True)):
         part = synthetic_slices(s, [seed + 1000 * i + k for k in range(synthetic_per_scan)], size, shape_bank,
                                 intensity=intensity)
         neg = part["kind"] == 0

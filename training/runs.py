@@ -33,14 +33,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from COVIDLesionSegLib.errors import CovidLesionSegError
 from COVIDLesionSegLib.outputs import atomic_write, atomic_write_text
 
 TRAINING_FORMAT = "covidlesionseg-training-state"
 TRAINING_FORMAT_VERSION = 1
 
 
-class RunError(RuntimeError):
+class RunError(CovidLesionSegError, RuntimeError):
     """A run folder is missing, incomplete or does not match the config."""
+
+    kind = "run"
 
 
 def _json_safe(value: Any) -> Any:

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from COVIDLesionSegLib.errors import CovidLesionSegError
 from COVIDLesionSegLib.metrics import METRIC_NAMES, SURFACE_METRICS, aggregate, case_metrics
 from training import datasets as ds
 from training import splits as sp
@@ -77,8 +78,10 @@ from training.procedures import Procedure, StepInfo, StepOutput, get_procedure
 from training.runs import RunDir, RunError, load_training_state, read_json, save_training_state, write_json
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CovidLesionSegError, RuntimeError):
     """Training cannot go on (diverged loss, empty data after filtering, ...)."""
+
+    kind = "training"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -861,12 +864,33 @@ class Trainer:
         return status
 
     def _run_epoch(self, epoch: int, n_iter: int, max_epochs: int, bar) -> TrainingInterrupted | None:
-        proc, model = self.procedure, self.model
+        """One epoch, step by step as nnU-Net's ``run_training`` reads: start (or resume) the epoch, train its
+        steps, then the epoch's row, validation and best-model selection, checkpoints and the log line.
+        Returns the :class:`TrainingInterrupted` to raise when Ctrl-C stopped it mid-epoch (state saved)."""
+        stream, start_it, acc = self._start_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        interrupted = self._train_steps(epoch, n_iter, max_epochs, bar, stream, start_it, acc, lr)
+        if interrupted is not None:
+            return interrupted
+        row = self._epoch_row(epoch, acc, lr)
+        validated, improved = self._validate_and_select(epoch, max_epochs, row)
+        row["best"] = improved
+        self.history.append(row)
+        self.procedure.on_epoch_end(epoch, row)
+        self._save_epoch_checkpoints(epoch, max_epochs, improved)
+        self.run.write_log(self.history)
+        self._log_epoch(epoch, max_epochs, row, validated, improved, bar)
+        return None
+
+    def _start_epoch(self, epoch: int) -> tuple[Iterator[dict[str, Any]], int, dict[str, Any]]:
+        """Seed the epoch, build its batch stream and, when resuming inside it, replay the batches already used
+        and restore the accumulators and RNG states saved with ``last.pt`` (module docstring). Returns the
+        stream, the first step to run and the epoch's accumulators."""
         seed_everything(_seed_of(self.config["seed"], "epoch", epoch))
-        proc.on_epoch_start(epoch)
+        self.procedure.on_epoch_start(epoch)
         stream = self._batch_stream(self.train_sets, epoch)
         start_it = 0
-        acc = {"loss_sum": 0.0, "steps": 0, "samples": 0, "time": 0.0, "logs": {}}
+        acc: dict[str, Any] = {"loss_sum": 0.0, "steps": 0, "samples": 0, "time": 0.0, "logs": {}}
         if epoch == self.start_epoch and self.start_iteration:
             start_it = self.start_iteration
             for _ in range(start_it):  # replay the data already used in this epoch
@@ -878,23 +902,21 @@ class Trainer:
                 set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         self.start_iteration = 0
-        lr = self.optimizer.param_groups[0]["lr"]
-        model.train()
+        return stream, start_it, acc
+
+    def _train_steps(self, epoch: int, n_iter: int, max_epochs: int, bar, stream: Iterator[dict[str, Any]],
+                     start_it: int, acc: dict[str, Any], lr: float) -> TrainingInterrupted | None:
+        """The epoch's optimisation steps from ``start_it``; on Ctrl-C saves ``last.pt`` mid-epoch and returns
+        the interruption."""
+        self.model.train()
         nonfinite = 0
         for it in range(start_it, n_iter):
             t0 = time.perf_counter()
             info = StepInfo(epoch=epoch, iteration=it, iterations_per_epoch=n_iter, max_epochs=max_epochs,
                             global_step=epoch * n_iter + it)
-            batches = next(stream)
-            out, ok = self.train_step(batches, info)
-            if not ok:
-                nonfinite += 1
-                self.note(f"non-finite loss at epoch {epoch + 1} step {it + 1}: step skipped")
-                if nonfinite >= 10:
-                    raise TrainingError(f"the loss was not finite for {nonfinite} consecutive steps (epoch {epoch + 1}): "
-                                        "training diverged; lower optim.lr or check the data")
-            else:
-                nonfinite = 0
+            out, ok = self.train_step(next(stream), info)
+            nonfinite = self._count_nonfinite(ok, nonfinite, epoch, it)
+            if ok:
                 acc["loss_sum"] += float(out.loss)
                 acc["steps"] += 1
                 for k, v in out.logs.items():
@@ -912,6 +934,21 @@ class Trainer:
                 self.save(self.run.last, epoch, it + 1, partial=dict(acc))
                 return TrainingInterrupted(f"interrupted in epoch {epoch + 1} after step {it + 1}/{n_iter}; saved "
                                            f"{self.run.last}", self.run.path, epoch, it + 1)
+        return None
+
+    def _count_nonfinite(self, ok: bool, nonfinite: int, epoch: int, it: int) -> int:
+        """Consecutive steps with a non-finite loss (those steps were skipped); ten in a row stop the run."""
+        if ok:
+            return 0
+        nonfinite += 1
+        self.note(f"non-finite loss at epoch {epoch + 1} step {it + 1}: step skipped")
+        if nonfinite >= 10:
+            raise TrainingError(f"the loss was not finite for {nonfinite} consecutive steps (epoch {epoch + 1}): "
+                                "training diverged; lower optim.lr or check the data")
+        return nonfinite
+
+    def _epoch_row(self, epoch: int, acc: Mapping[str, Any], lr: float) -> dict[str, Any]:
+        """Close the epoch's training part (time, learning-rate schedule) and start its log row."""
         self.elapsed_train_s += acc["time"]
         self.scheduler.step()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
@@ -920,9 +957,13 @@ class Trainer:
             row[f"train_{k}"] = v / max(acc["steps"], 1)
         row["epoch_time_s"] = acc["time"]
         row["samples_per_s"] = acc["samples"] / acc["time"] if acc["time"] > 0 else float("nan")
+        return row
+
+    def _validate_and_select(self, epoch: int, max_epochs: int, row: dict[str, Any]) -> tuple[bool, bool]:
+        """Validate when it is due (adding the ``val_*`` columns to ``row``) and update the best model.
+        Returns (validated, improved); without a validation set the latest model is the best."""
         validate = self.val_set is not None and ((epoch + 1) % int(self.config["train"]["val_every"]) == 0
                                                  or epoch + 1 == max_epochs)
-        improved = False
         if validate:
             tv = time.perf_counter()
             rows, val_loss = self.evaluate("val", metrics=self.config["eval"]["val_metrics"], with_loss=True)
@@ -932,29 +973,33 @@ class Trainer:
                 row[f"val_{m}"] = agg.get(m, {}).get("mean", float("nan"))
             row["val_time_s"] = time.perf_counter() - tv
             improved = self._update_best(row, epoch + 1)
-            model.train()
-        elif self.val_set is None:
-            improved = True  # no validation set: the latest model is the one used
+            self.model.train()
+            return True, improved
+        if self.val_set is None:
             self.best = {"metric": None, "value": None, "epoch": epoch + 1}
-        row["best"] = improved
-        self.history.append(row)
-        proc.on_epoch_end(epoch, row)
+            return False, True
+        return False, False
+
+    def _save_epoch_checkpoints(self, epoch: int, max_epochs: int, improved: bool) -> None:
+        """``best.pt`` when the model improved; ``last.pt`` every ``train.checkpoint_every`` epochs, after the
+        last epoch and before a requested stop."""
         if improved:
             self.save(self.run.best, epoch + 1)
         every = int(self.config["train"]["checkpoint_every"])
         stopping = self._stop_requested or (self._stop_after is not None and epoch + 1 >= self._stop_after)
         if (epoch + 1) % every == 0 or epoch + 1 == max_epochs or stopping:
             self.save(self.run.last, epoch + 1)
-        self.run.write_log(self.history)
+
+    def _log_epoch(self, epoch: int, max_epochs: int, row: Mapping[str, Any], validated: bool, improved: bool,
+                   bar) -> None:
         msg = f"epoch {epoch + 1}/{max_epochs}: loss {row['train_loss']:.4f}, {row['epoch_time_s']:.1f} s"
-        if validate:
+        if validated:
             sel = self._select_key()
             msg += f", {sel} {row.get(sel, float('nan')):.4f}" + (" (best)" if improved else "")
         if self.show_progress:
             bar.write(msg, file=sys.stderr)
         else:
             self.log(msg)
-        return None
 
     def _select_key(self) -> str:
         m = self.config["train"]["select_metric"]
@@ -991,29 +1036,24 @@ class Trainer:
         return torch.softmax(logits, dim=1)[:, 1:2]
 
     def _predict_volume(self, image: torch.Tensor, spacing: Sequence[float] | None, key: str = "data") -> torch.Tensor:
-        """Logits ``(1, C, *image spatial)`` of one 3D volume on its own grid (module docstring)."""
-        from monai.inferers import sliding_window_inference
-
-        from COVIDLesionSegLib.preprocessing import resampled_shape, resize_volume
+        """Logits ``(1, C, *image spatial)`` of one 3D volume on its own grid (module docstring), by the engine's
+        sliding-window inference (``network_predictor.sliding_window_3d``): one implementation of the windows,
+        their Gaussian blending and the resampling for validation, tests and the shipped models."""
+        from COVIDLesionSegLib.network_predictor import sliding_window_3d
 
         spec = self.spec(key)
-        prep = self.preprocessing.get(key, {})
-        target = prep.get("target_spacing")
-        x = image.float()
-        shape = tuple(x.shape[1:])
-        if target is not None and spacing is not None and tuple(float(s) for s in spacing) != tuple(target):
-            new_shape = resampled_shape(shape, spacing, target)
-            x = resize_volume(x, new_shape, mode="trilinear")
-        patch = tuple(spec["transform_args"].get("patch_size", (56, 160, 192)))
-        x = self.to_device({"x": x[None]})["x"]
-        with self.autocast():
-            logits = sliding_window_inference(x, roi_size=patch, sw_batch_size=int(self.config["eval"]["batch_size"]),
-                                              predictor=lambda p: self.procedure.predict_logits(self.model, p).float(),
-                                              overlap=float(self.config["eval"]["overlap"]), mode="gaussian")
-        logits = logits.float()
-        if tuple(logits.shape[2:]) != shape:
-            logits = resize_volume(logits[0], shape, mode="trilinear")[None]
-        return logits
+        target = self.preprocessing.get(key, {}).get("target_spacing")
+
+        def window(patch: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return self.procedure.predict_logits(self.model, patch).float()
+
+        logits = sliding_window_3d(image.float(), window,
+                                   patch_size=tuple(spec["transform_args"].get("patch_size", (56, 160, 192))),
+                                   overlap=float(self.config["eval"]["overlap"]),
+                                   batch_size=int(self.config["eval"]["batch_size"]), spacing=spacing,
+                                   target_spacing=target, prepare=lambda x: self.to_device({"x": x[None]})["x"])
+        return logits[None]
 
     @torch.no_grad()
     def evaluate(self, subset: str = "test", metrics: Sequence[str] | None = None, with_loss: bool = False,
@@ -1133,11 +1173,19 @@ class Trainer:
         if self.config["eval"]["test"] and self.split.test:
             state = load_training_state(self.run.best if self.run.best.exists() else self.run.last)
             self.model.load_state_dict(state["model"])
-            self.log(f"testing the model of epoch {state['epoch']} on {len(self.split.test)} case(s)")
+            self.log(f"testing the model of epoch {state['epoch']} on {self._describe_test_set()}")
             rows, _ = self.evaluate("test")
             test_agg = aggregate(rows)
             self.run.write_test_metrics(rows, test_agg)
         return self._write_summary(status, epoch=len(self.history), test=test_agg)
+
+    def _describe_test_set(self) -> str:
+        """What the test set is, for the log: a 2D data set's cases are slices, counted with their volume groups
+        (the unit ``eval.unit: group`` scores); a 3D data set's cases are volumes."""
+        cases = self.split.select(self.cases_of("data"), "test")
+        if cases and all(c.dim == 2 for c in cases):
+            return f"{len(cases)} slice(s) of {len({c.group for c in cases})} volume group(s)"
+        return f"{len(cases)} volume(s)"
 
     def _write_summary(self, status: str, epoch: int, test: Mapping[str, Any] | None = None,
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -468,7 +468,7 @@ def ncovsegnet_transforms(label_keys: Sequence[str], size: int = 352, train: boo
       (crop volumes first with ``CropToLungBoxd`` and :func:`~training.datasets.slice_items`, then run
       this pipeline on the slices with ``crop_lungs=False``);
     - resize to ``size`` = 352 (bilinear for images, nearest for masks - the authors' code resized masks
-      bilinearly, which MODELS.md says not to repeat);
+      bilinearly, which would blur them into non-binary labels);
     - inputs normalised to (0, 1): ``hu_window_01`` over [-1250, 250] for HU, or :data:`UINT8_01`;
     - training: random horizontal flip (p = 0.5; ``vertical_flip`` adds an up-down flip), random crop of
       ``crop_scale`` of each side resized back to ``size``; multi-scale {0.75, 1, 1.25} is a per-batch

@@ -143,9 +143,29 @@ def load_model(model_id: str, task: str, device: str = "auto"):
         hint = (f"download it with `covidlesionseg models download {model_id}` or import a copy with "
                 "`covidlesionseg models import FILE`") if entry.url else "reinstall the extension"
         raise ModelError(f"the file of model {model_id!r} is missing ({entry.path}); {hint}")
+    from .errors import CheckpointError
     from .network_predictor import NetworkModel
 
-    return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256)
+    try:
+        return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256)
+    except CheckpointError as exc:
+        # The file is damaged, replaced or foreign: how to get a good copy depends on where it came from,
+        # which only the catalogue knows.
+        if not exc.next_step:
+            exc.next_step = _repair_hint(entry)
+        raise
+
+
+def _repair_hint(entry: ModelEntry) -> str:
+    """How to get a good copy of ``entry``'s file."""
+    if entry.url:
+        return (f"fetch it again with `covidlesionseg models download {entry.model_id} --overwrite` (or import a "
+                "good copy with `covidlesionseg models import FILE --overwrite`)")
+    if entry.source == "cache":
+        return ("import the model file again with `covidlesionseg models import FILE --overwrite`, or choose "
+                "another model (`covidlesionseg models list`)")
+    return ("reinstall the extension (or the package) to restore the shipped model, or choose another model with "
+            "--model (`covidlesionseg models list`)")
 
 
 def device_note(device: str, model_ids) -> str | None:

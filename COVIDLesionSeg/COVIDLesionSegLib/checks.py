@@ -1,4 +1,5 @@
-"""Input checks done before any work: is this a 3D chest CT in Hounsfield units?
+"""Input checks done before any work: is this a 3D chest CT in Hounsfield units? And :func:`load_volume`, the
+one path from an input (file, DICOM folder or image) to a checked :class:`~.volume.CTVolume`.
 
 Every failure is an :class:`~.errors.InputError` whose message says what was found and what to do. The most
 common silent failure of CT tools is an image already windowed to 0-255 (many public COVID-19 datasets, e.g.
@@ -9,12 +10,16 @@ mapped back to approximate HU: ``HU = level - width/2 + value / 255 * width``.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .volume import CTVolume
 
 MIN_IN_PLANE = 64        # voxels; smaller images are thumbnails, not diagnostic CT
 MIN_SLICES = 5           # a CT volume needs several slices for 3D lung masking
@@ -65,6 +70,25 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
     Raises:
         InputError: with the reason and the way out.
     """
+    notes = _check_geometry(image)
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"the image has {bad} NaN or infinite voxels; it is damaged or was exported incorrectly")
+    stats = summarize(array)
+    if stats.maximum == stats.minimum:
+        raise InputError(f"every voxel has the same value ({stats.minimum:g}); the image is empty")
+
+    looks_8bit = stats.minimum >= 0 and stats.maximum <= 255 and stats.integer_valued
+    if input_window is not None:
+        hu, window_note = _from_window(image, stats, looks_8bit, input_window)
+        return hu, notes + [window_note]
+    _check_hounsfield(stats, looks_8bit)
+    return image, notes
+
+
+def _check_geometry(image: sitk.Image) -> list[str]:
+    """One scalar 3D volume, large enough, with a spacing a chest CT can have; returns the notes."""
     notes: list[str] = []
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
@@ -86,7 +110,7 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
         )
     if min(image.GetSpacing()) <= 0:
         raise InputError(f"the voxel spacing {image.GetSpacing()} is not positive; the file's header is broken")
-    extent = [n * s for n, s in zip(size, image.GetSpacing())]
+    extent = [n * s for n, s in zip(size, image.GetSpacing(), strict=True)]
     if not MIN_EXTENT_MM <= max(extent) <= MAX_EXTENT_MM:
         raise InputError(
             f"the image's physical extent is {' x '.join(f'{e:.3g}' for e in extent)} mm (size {tuple(size)} x "
@@ -96,31 +120,27 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
     if np.allclose(image.GetSpacing(), 1.0, rtol=0, atol=1e-9):
         notes.append("the voxel spacing is exactly 1 x 1 x 1 mm, the value of files saved without a spacing; if "
                      "the scan's real spacing differs, every volume in mL is wrong: check the file's header")
+    return notes
 
-    array = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise InputError(f"the image has {bad} NaN or infinite voxels; it is damaged or was exported incorrectly")
-    stats = summarize(array)
-    if stats.maximum == stats.minimum:
-        raise InputError(f"every voxel has the same value ({stats.minimum:g}); the image is empty")
 
-    looks_8bit = stats.minimum >= 0 and stats.maximum <= 255 and stats.integer_valued
-    if input_window is not None:
-        if not looks_8bit:
-            raise InputError(
-                f"an input window was given, but the image is not 8-bit grey values (range {stats.minimum:g} to "
-                f"{stats.maximum:g}); leave the window option out for CT in Hounsfield units"
-            )
-        level, width = (float(v) for v in input_window)
-        if width <= 0:
-            raise InputError(f"the input window width must be positive, got {width:g}")
-        hu = sitk.Cast(image, sitk.sitkFloat32) * (width / 255.0) + (level - width / 2.0)
-        notes.append(
-            f"grey values 0-255 mapped back to HU with the declared window (level {level:g}, width {width:g}); "
-            "results are approximate"
+def _from_window(image: sitk.Image, stats: IntensitySummary, looks_8bit: bool,
+                 input_window: tuple[float, float]) -> tuple[sitk.Image, str]:
+    """An 8-bit image mapped back to approximate HU with the window it was made with, and the note saying so."""
+    if not looks_8bit:
+        raise InputError(
+            f"an input window was given, but the image is not 8-bit grey values (range {stats.minimum:g} to "
+            f"{stats.maximum:g}); leave the window option out for CT in Hounsfield units"
         )
-        return hu, notes
+    level, width = (float(v) for v in input_window)
+    if width <= 0:
+        raise InputError(f"the input window width must be positive, got {width:g}")
+    hu = sitk.Cast(image, sitk.sitkFloat32) * (width / 255.0) + (level - width / 2.0)
+    return hu, (f"grey values 0-255 mapped back to HU with the declared window (level {level:g}, width {width:g}); "
+                "results are approximate")
+
+
+def _check_hounsfield(stats: IntensitySummary, looks_8bit: bool) -> None:
+    """Refuse intensities that cannot be CT in Hounsfield units (windowed, no rescale, no air, no tissue)."""
     if looks_8bit:
         raise InputError(
             f"the image looks already windowed to 0-255 (values {stats.minimum:g} to {stats.maximum:g}), not CT in "
@@ -144,7 +164,57 @@ def check_ct(image: sitk.Image, input_window: tuple[float, float] | None = None)
             f"99 % of voxels are below 0 (values {stats.minimum:g} to {stats.maximum:g}): there is no body tissue; "
             "this is not a chest CT in Hounsfield units"
         )
-    return image, notes
+
+
+def load_volume(source: str | os.PathLike | sitk.Image, *, name: Optional[str] = None,
+                source_label: Optional[str] = None, input_window: tuple[float, float] | None = None,
+                allow_slice_gaps: bool = False, notes: Sequence[str] = (),
+                on_progress: Optional[Callable[[str, float, str], None]] = None,
+                timings: Optional[dict[str, float]] = None) -> CTVolume:
+    """The one path from an input to the engine's volume: read -> :func:`check_ct` -> :class:`~.volume.CTVolume`.
+
+    Every entry point takes it (the command line and batch through ``Pipeline.segment_file``, the Slicer worker,
+    the in-process Slicer logic, the training package's host scans), so a check added to :func:`check_ct` or a
+    reader fixed in ``io.py`` holds for all of them. As lungmask's ``LMInferer.apply`` does, it takes either
+    what to read or an image already in memory.
+
+    Args:
+        source: a file or DICOM folder (read with :func:`~.io.read_image`), or a SimpleITK image (a volume node's
+            image in Slicer), used as it is.
+        name: case name for the outputs (default: from the file name; "CT" for an image).
+        source_label: where it came from, for the report (default: the path).
+        input_window: (level, width) of an 8-bit image, see :func:`check_ct`.
+        allow_slice_gaps: read a DICOM series with missing slices, interpolating them (:func:`~.io.read_image`).
+        notes: notes known before reading (they come first in the volume's notes).
+        on_progress: ``(stage, fraction, message)``, told when the "read" and "check" stages start.
+        timings: receives the seconds of the "read" and "check" stages.
+
+    Raises:
+        InputError: the input cannot be read or is not a chest CT in Hounsfield units (the message says why).
+    """
+    from . import io
+
+    timings = {} if timings is None else timings
+    notes = list(notes)
+    if isinstance(source, sitk.Image):
+        image = source
+        name = name or "CT"
+    else:
+        start = time.perf_counter()
+        if on_progress is not None:
+            on_progress("read", 0.0, f"reading {os.path.basename(os.fspath(source))}")
+        image, read_notes = io.read_image(source, allow_slice_gaps=allow_slice_gaps)
+        notes += read_notes
+        timings["read"] = time.perf_counter() - start
+        name = name or io.case_name(source)
+        source_label = str(source) if source_label is None else source_label
+    start = time.perf_counter()
+    if on_progress is not None:
+        on_progress("check", 0.0, "checking the image")
+    image, check_notes = check_ct(image, input_window)
+    volume = CTVolume.from_image(image, name=name, source=source_label or "", notes=notes + check_notes)
+    timings["check"] = time.perf_counter() - start
+    return volume
 
 
 def as_binary_mask(mask: np.ndarray, name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The ``covidlesionseg`` command (ARCHITECTURE.md, "Command line").
+"""The ``covidlesionseg`` command (README, "Command line").
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
@@ -19,11 +19,12 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import CovidLesionSegError
+from .errors import user_message
 from .progress import Cancelled
 
 
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment CT files or DICOM series folders")
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="NIfTI/NRRD/MHA file, DICOM series folder, or a folder of such files and series")
-    seg.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    seg.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                     help="folder for each case's .seg.nrrd, _labels.nii.gz and .json and for results.csv "
+                          "(created if missing; may be the input folder)")
     add_model_options(seg)
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     seg.add_argument("--input-window", type=_parse_window, metavar="LEVEL,WIDTH",
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=None, metavar="OUTDIR",
                       help="default: a new folder demo-output/run-<time> in the current folder")
     add_model_options(demo)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="compare a predicted segmentation with a reference or per-slice labels")
     ev.add_argument("--pred", required=True, type=Path, help="labelmap (0-3) or .seg.nrrd")
@@ -107,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="known models and where their files are")
     msub.add_parser("verify", help="check every local model file against its sha256")
     dl = msub.add_parser("download", help="fetch a model listed with a download URL into the model cache")
-    dl.add_argument("model_id", metavar="ID")
+    dl.add_argument("model_id", metavar="ID", help="a model listed with a download URL (see `models list`)")
     dl.add_argument("--overwrite", action="store_true", help="fetch again even if a verified copy is cached")
     imp = msub.add_parser("import", help="add a checkpoint file to the model cache")
-    imp.add_argument("path", type=Path)
-    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("path", type=Path, metavar="PATH",
+                     help="a COVIDLesionSeg checkpoint (.pt), e.g. from `python -m training export` or a "
+                          "download of a listed model")
+    imp.add_argument("--overwrite", action="store_true", help="replace a model already in the cache")
     return parser
 
 
@@ -119,7 +124,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --lung-model, --device, --lungs-only: shared by this CLI, the Slicer worker and batch.py."""
     p.add_argument("--model", default=None, metavar="ID", help="infection model id (see `models list`)")
     p.add_argument("--lung-model", default=None, metavar="ID", help="lung model id (default: the catalogue's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where network models run: auto (the GPU when CUDA is available, else the CPU), cpu or "
+                        "cuda; the built-in HU models always run on the CPU (default: auto)")
     p.add_argument("--lungs-only", action="store_true", help="segment the lungs only, no infection")
 
 
@@ -148,9 +155,8 @@ def _err(message: str) -> None:
 
 
 def cmd_segment(args, inputs=None) -> int:
-    from .pipeline import segment_batch
-
     from .io import expand_inputs
+    from .pipeline import segment_batch
 
     progress = _StderrProgress(enabled=not args.quiet)
     given = inputs or args.inputs
@@ -306,8 +312,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted; outputs of the case in progress were not written")
         return 130
-    except CovidLesionSegError as exc:
-        _err(f"error: {exc}")
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one "error:" line (errors.user_message)
+        message = user_message(exc)
+        if not message.expected:  # a bug: its traceback is what a bug report needs
+            traceback.print_exc(file=sys.stderr)
+        _err(f"error: {message.text}")
         return 1
 
 

@@ -1,8 +1,8 @@
 """Right/left lung masking of chest CT without trained weights.
 
-nCoVSegNet (Liu et al., MedIA 2021, ``003_daa2f9e196952995.txt`` section 4.1) crops every scan to the
-bounding box of an *unsupervised* lung mask (the threshold + connected-component method of Liao et al.
-2019) before inference, and the lesion-B experiment of Bizopoulos et al. (``004_...txt``) multiplies the
+nCoVSegNet (Liu et al., MedIA 2021, section 4.1; ``liu_ncovsegnet`` in docs/CITATIONS.md) crops every scan
+to the bounding box of an *unsupervised* lung mask (the threshold + connected-component method of Liao et al.
+2019) before inference, and the lesion-B experiment of Bizopoulos et al. (``bizopoulos_grid``) multiplies the
 slice by a lung mask. This module is the engine's version of that unsupervised mask. It follows the same
 family (threshold air inside the body, keep the large components, repair with morphology) but adds what
 quantification needs: separate right/left labels, trachea and main bronchi removed, and dense lesions

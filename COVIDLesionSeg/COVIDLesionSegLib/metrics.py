@@ -6,7 +6,7 @@ arrays holding only 0 and 1) and, for the distance-based metrics, the voxel spac
 order** (``(z, y, x)`` for the engine's canonical arrays, see ``volume.py``); anisotropic spacing is
 honoured everywhere.
 
-Metrics and the papers that report them (``/work/shared/seeds``):
+Metrics and the papers that report them (docs/CITATIONS.md):
 
 =============  =====================================================================  ======================
 key            definition                                                             reported by

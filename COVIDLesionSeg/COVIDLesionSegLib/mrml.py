@@ -124,7 +124,6 @@ def volume_node_from_image(image: sitk.Image, scene, name: str = "CT", volume_no
     Used by the batch runner under plain Python, where DICOM series are read with the engine's reader.
     """
     vtk = _vtk()
-    slicer = _slicer()
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("only 3D single-component images can become scalar volume nodes")
     array = sitk.GetArrayFromImage(image)
@@ -550,7 +549,7 @@ def fill_table(table_node, quantities: Mapping[str, Any], input_volume_node=None
             columns.append(column)
         for label, values in rows:
             region.InsertNextValue(label)
-            for column, value in zip(columns, values):
+            for column, value in zip(columns, values, strict=True):
                 column.InsertNextValue(value)
         table.AddColumn(region)
         for column in columns:
@@ -650,10 +649,27 @@ def create_standalone_scene(with_terminologies: bool = True) -> StandaloneScene:
         logic.SetMRMLApplicationLogic(app_logic)
         if name == "Colors":
             app_logic.SetColorLogic(logic)
-        logic.SetMRMLScene(scene)
+            _set_scene_quietly(logic, scene)
+        else:
+            logic.SetMRMLScene(scene)
         app_logic.SetModuleLogic(name, logic)
         holder.logics[name] = logic
     return holder
+
+
+def _set_scene_quietly(colors_logic, scene) -> None:
+    """Give the colours logic its scene without its "FindDefaultColorFiles failed: HomeDirectory is not set"
+    error. Why silenced rather than fixed: that search looks for the Slicer application's ``share/ColorFiles``,
+    which slicer-core does not ship, so outside the application it can only fail (with a home directory set
+    it fails as "Cannot open directory" instead); the colour tables the logic builds in code, the ones
+    segmentations and labelmaps use, are created all the same. Only this call is silenced."""
+    vtk = _vtk()
+    shown = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        colors_logic.SetMRMLScene(scene)
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(shown)
 
 
 def load_volume_file(volumes_logic, path: str | Path, name: Optional[str] = None):

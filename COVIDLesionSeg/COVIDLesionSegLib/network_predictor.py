@@ -33,8 +33,9 @@ Devices: ``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without CUD
 kept probabilities of the paper-size nnU-Net within 4e-3 (mean 1e-4) of float32 on an H100, where
 bfloat16 differed by up to 0.02), with
 a batch whose logits overflow to inf/NaN recomputed in float32; the CPU runs in float32.
-A CUDA out-of-memory error moves the model to the CPU and runs the case again there, with a warning in
-``info.extra["notes"]`` and in ``volume.notes``.
+A CUDA out-of-memory error (:func:`~.errors.is_cuda_out_of_memory`), while loading or running, moves the model
+to the CPU and runs the case again there, with a warning in ``info.extra["notes"]`` and in ``volume.notes``
+(:attr:`NetworkModel.fell_back_to_cpu` tells the worker); this is the only fallback of the project.
 
 Progress: ``progress(fraction, message)`` is called after every batch of slices or windows; it may raise
 :class:`~COVIDLesionSegLib.progress.Cancelled`, which propagates unchanged.
@@ -51,21 +52,25 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import DeviceError, is_cuda_out_of_memory
 from .lungs import split_right_left
 from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .predictor import ModelInfo
 from .postprocess import InfectionPostprocess
-from .preprocessing import (apply_intensity, bounding_box, margin_voxels, pad_to_square, resampled_shape,
-                            resize_slices, resize_volume)
+from .predictor import ModelInfo
+from .preprocessing import (
+    apply_intensity,
+    bounding_box,
+    margin_voxels,
+    pad_to_square,
+    resampled_shape,
+    resize_slices,
+    resize_volume,
+)
 from .progress import ProgressCallback, report
 from .volume import CTVolume
 
 #: HU above which a voxel counts as body (not air) when a lung model looks for the slices to run.
 BODY_HU = -500.0
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used (e.g. ``cuda`` on a machine without CUDA)."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -92,12 +97,59 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """Number of windows MONAI's sliding_window_inference visits (for progress fractions)."""
     n = 1
-    for size, r in zip(shape, roi):
+    for size, r in zip(shape, roi, strict=True):
         if size <= r:
             continue
         step = max(int(r * (1.0 - overlap)), 1)
         n *= int(math.ceil((size - r) / step)) + 1
     return n
+
+
+def sliding_window_3d(volume: Any, window: Callable[[torch.Tensor], torch.Tensor], *, patch_size: Sequence[int],
+                      overlap: float, batch_size: int, spacing: Optional[Sequence[float]] = None,
+                      target_spacing: Optional[Sequence[float]] = None,
+                      prepare: Optional[Callable[[Any], torch.Tensor]] = None,
+                      progress: Optional[ProgressCallback] = None, what: str = "") -> torch.Tensor:
+    """3D sliding-window inference of one volume on its own grid: the one implementation (engine and training).
+
+    ``volume`` (``(z, y, x)`` or ``(c, z, y, x)``, numpy or torch) is resampled trilinearly from ``spacing`` to
+    ``target_spacing`` (when both are given and the grid changes), turned by ``prepare`` into the network's
+    ``(1, C, z', y', x')`` input on its device (default: a float tensor with a batch axis), and run with MONAI's
+    ``sliding_window_inference`` (``patch_size``, ``overlap``, Gaussian weighting as in nnU-Net; ``window`` maps
+    a batch of patches to their outputs, e.g. probabilities or logits); the blended ``(K, z', y', x')`` outputs
+    are resampled back (trilinear) to the input grid. ``progress(fraction, message)`` is told after every
+    batch of windows. Returns a float32 tensor ``(K, z, y, x)`` on the input tensor's device.
+    """
+    from monai.inferers import sliding_window_inference
+
+    shape = tuple(int(n) for n in volume.shape[-3:])
+    x = volume
+    if spacing is not None and target_spacing is not None:
+        target = resampled_shape(shape, spacing, target_spacing)
+        if target != shape:
+            x = resize_volume(x, target, mode="trilinear")
+    del volume
+    grid = tuple(int(n) for n in x.shape[-3:])
+    inputs = prepare(x) if prepare is not None else torch.as_tensor(x).float()[None]
+    del x
+    total = max(1, int(math.ceil(_window_count(grid, patch_size, overlap) / batch_size)))
+    done = 0
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        out = window(patch)
+        done += 1
+        report(progress, min(done / total, 1.0), f"{what}: window batch {min(done, total)}/{total}")
+        return out
+
+    out = sliding_window_inference(inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size,
+                                   predictor=predictor, overlap=overlap, mode="gaussian",
+                                   sw_device=inputs.device, device=inputs.device)
+    del inputs
+    out = out[0].float()
+    if tuple(out.shape[1:]) != shape:
+        out = resize_volume(out, shape, mode="trilinear")
+    return out
 
 
 class NetworkModel:
@@ -145,8 +197,12 @@ class NetworkModel:
         self.margin_mm = float(margin_mm)
         self._batch_size = batch_size
         self.notes: list[str] = []
+        self._fell_back = False
+        #: Called with the warning when the model moves to the CPU after a CUDA out-of-memory error (the
+        #: Slicer worker logs it at that moment).
+        self.on_fallback: Optional[Callable[[str], None]] = None
         report(progress, 0.0, f"loading model {ckpt.model_id}")
-        self._net = ckpt.build(self._device)
+        self._net = self._build_net(ckpt, ckpt.model_id)
         spec = ckpt.input_spec
         self.dims = int(spec["dims"])
         self.in_channels = int(spec["in_channels"])
@@ -166,7 +222,7 @@ class NetworkModel:
             model_id=ckpt.model_id, version=ckpt.version, task=ckpt.task, description=ckpt.description,
             threshold=self.threshold, device=str(self._device),
             extra={"arch": ckpt.arch, "dims": self.dims, "checkpoint": str(ckpt.path) if ckpt.path else None,
-                   "state_dict_sha256": ckpt.state_dict_sha256, "notes": []})
+                   "state_dict_sha256": ckpt.state_dict_sha256, "notes": list(self.notes)})
         report(progress, 1.0, f"model {ckpt.model_id} ready on {self._device}")
 
     # ------------------------------------------------------------------------------------------------------
@@ -254,56 +310,63 @@ class NetworkModel:
     def _run_3d(self, hu: np.ndarray, box: tuple[slice, ...], spacing: Sequence[float], all_channels: bool,
                 progress: Optional[ProgressCallback], what: str) -> np.ndarray:
         """Sliding-window inference on ``hu[box]``; returns probabilities (K, *box shape) float32."""
-        from monai.inferers import sliding_window_inference
-
-        crop = np.asarray(hu[box], dtype=np.float32)
-        crop_shape = crop.shape
-        target = resampled_shape(crop_shape, spacing, self.spacing_zyx)
-        x = resize_volume(crop, target, mode="trilinear")
-        del crop
-        x = apply_intensity(x, self.intensity)
-        inputs = self._input_tensor(x[None])
-        del x
-        total = max(1, int(math.ceil(_window_count(target, self.patch_size, self.overlap) / self.batch_size)))
-        done = 0
-
-        def predictor(patch: torch.Tensor) -> torch.Tensor:
-            nonlocal done
-            out = self._probabilities(self._forward(patch), all_channels).float()
-            done += 1
-            report(progress, min(done / total, 1.0), f"{what}: window batch {min(done, total)}/{total}")
-            return out
-
         with torch.inference_mode():
-            probs = sliding_window_inference(inputs, roi_size=self.patch_size, sw_batch_size=self.batch_size,
-                                             predictor=predictor, overlap=self.overlap, mode="gaussian",
-                                             sw_device=self._device, device=self._device)
-            del inputs
-            probs = resize_volume(probs[0].float(), crop_shape, mode="trilinear")
+            probs = sliding_window_3d(
+                np.asarray(hu[box], dtype=np.float32),
+                lambda patch: self._probabilities(self._forward(patch), all_channels).float(),
+                patch_size=self.patch_size, overlap=self.overlap, batch_size=self.batch_size, spacing=spacing,
+                target_spacing=self.spacing_zyx,
+                # the intensity transform runs on the resampled grid (the smaller one for fine CT)
+                prepare=lambda x: self._input_tensor(apply_intensity(x, self.intensity)[None]),
+                progress=progress, what=what)
             return probs.clamp_(0.0, 1.0).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------------------
+    # -- the CUDA out-of-memory fallback: the one place that handles it (the worker, the CLI, batch.py and the
+    # in-process Slicer logic all run networks through this class) ---------------------------------------------
+    @property
+    def fell_back_to_cpu(self) -> bool:
+        """True once CUDA ran out of memory and the model moved to the CPU (reports say so)."""
+        return self._fell_back
+
+    def _build_net(self, ckpt: Checkpoint, model_id: str) -> torch.nn.Module:
+        try:
+            return ckpt.build(self._device)
+        except Exception as exc:  # noqa: BLE001 - only CUDA's out-of-memory errors are handled
+            if self._device.type != "cuda" or not is_cuda_out_of_memory(exc):
+                raise
+        # Outside the except block: the failed attempt's tensors are freed with its traceback.
+        self._move_to_cpu(None, model_id)
+        return ckpt.build(self._device)
+
     def _with_cpu_fallback(self, run: Callable[[], np.ndarray], volume: CTVolume) -> np.ndarray:
         try:
             return run()
-        except torch.cuda.OutOfMemoryError:
-            if self._device.type != "cuda":
+        except Exception as exc:  # noqa: BLE001 - only CUDA's out-of-memory errors are handled
+            if self._device.type != "cuda" or not is_cuda_out_of_memory(exc):
                 raise
-            self._fall_back_to_cpu(volume)
-            return run()
+        self._fall_back_to_cpu(volume)
+        return run()
 
-    def _fall_back_to_cpu(self, volume: CTVolume | None) -> None:
-        msg = (f"CUDA ran out of memory running model {self.info.model_id!r}; it was moved to the CPU and "
+    def _move_to_cpu(self, volume: CTVolume | None, model_id: str) -> str:
+        msg = (f"CUDA ran out of memory running model {model_id!r}; it was moved to the CPU and "
                "this and later cases run there (slower). Free GPU memory or lower batch_size to use the GPU")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        self._net.to("cpu")
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
         self._device = torch.device("cpu")
+        self._fell_back = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.notes.append(msg)
-        self.info = dataclasses.replace(self.info, device="cpu", extra={**self.info.extra, "notes": list(self.notes)})
         if volume is not None:
             volume.notes.append(msg)
+        if self.on_fallback is not None:
+            self.on_fallback(msg)
+        return msg
+
+    def _fall_back_to_cpu(self, volume: CTVolume | None) -> None:
+        self._net.to("cpu")
+        self._move_to_cpu(volume, self.info.model_id)
+        self.info = dataclasses.replace(self.info, device="cpu", extra={**self.info.extra, "notes": list(self.notes)})
 
 
 class NetworkInfectionModel(NetworkModel):
@@ -427,4 +490,5 @@ def _as_checkpoint(checkpoint: str | os.PathLike | Checkpoint, expected_sha256: 
     raise TypeError(f"expected a checkpoint path or Checkpoint, got {type(checkpoint).__name__}")
 
 
-__all__ = ["NetworkModel", "NetworkInfectionModel", "NetworkLungModel", "DeviceError", "resolve_device"]
+__all__ = ["NetworkModel", "NetworkInfectionModel", "NetworkLungModel", "DeviceError", "resolve_device",
+           "sliding_window_3d"]

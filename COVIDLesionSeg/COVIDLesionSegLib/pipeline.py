@@ -25,9 +25,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__
-from . import catalogue, checks, io, outputs, quantify
-from .errors import CovidLesionSegError, InputError
+from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__, catalogue, checks, io, outputs, quantify
+from .errors import InputError, user_message
 from .progress import Cancelled
 from .segments import SEGMENTS
 from .volume import CTVolume
@@ -170,19 +169,9 @@ class Pipeline:
             if on_note is not None:
                 on_note(message)
         timings: dict[str, float] = {}
-
-        start = time.perf_counter()
-        _emit(on_progress, "read", 0.0, f"reading {path}")
-        image, read_notes = io.read_image(path, allow_slice_gaps=self.options.allow_slice_gaps)
-        timings["read"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        _emit(on_progress, "check", 0.0, "checking the image")
-        image, check_notes = checks.check_ct(image, self.options.input_window)
-        volume = CTVolume.from_image(image, name=name, source=str(path), notes=read_notes + check_notes)
-        del image
-        timings["check"] = time.perf_counter() - start
-
+        volume = checks.load_volume(path, name=name, input_window=self.options.input_window,
+                                    allow_slice_gaps=self.options.allow_slice_gaps, on_progress=on_progress,
+                                    timings=timings)
         result = self.run(volume, on_progress, timings)
 
         start = time.perf_counter()
@@ -238,7 +227,7 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
     report = BatchReport(skipped=[str(p) for p in _skipped])
     pipeline = Pipeline(options)
     names = io.unique_case_names(inputs)
-    for index, (path, name) in enumerate(zip(inputs, names)):
+    for index, (path, name) in enumerate(zip(inputs, names, strict=True)):
         if on_case is not None:
             on_case(index, len(inputs), str(path))
         started = time.perf_counter()
@@ -249,22 +238,15 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
         except Cancelled:
             raise
         except outputs.OutputExistsError as exc:  # a complete result is there: its row stays as it is
-            _record_failure(report, path, str(exc), on_error)
+            _record_failure(report, path, user_message(exc).text, on_error)
             continue
         except outputs.OutputWriteError as exc:  # a full disk: every later case would fail the same way
-            _record_failure(report, path, str(exc), on_error, pipeline.case_writer(outdir, name), started)
-            raise
-        except CovidLesionSegError as exc:
-            _record_failure(report, path, str(exc), on_error, pipeline.case_writer(outdir, name), started)
-            continue
-        except MemoryError:
-            _record_failure(report, path, "out of memory; close other programs, or use a smaller model or the CPU "
-                                          "with fewer parallel jobs", on_error, pipeline.case_writer(outdir, name),
+            _record_failure(report, path, user_message(exc).text, on_error, pipeline.case_writer(outdir, name),
                             started)
-            continue
-        except Exception as exc:  # an unexpected bug must not stop a hospital's overnight batch
-            _record_failure(report, path, f"unexpected error: {type(exc).__name__}: {exc}", on_error,
-                            pipeline.case_writer(outdir, name), started)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one case (even a bug) must not stop a hospital's overnight batch
+            _record_failure(report, path, user_message(exc).text, on_error, pipeline.case_writer(outdir, name),
+                            started)
             continue
         report.succeeded.append(str(path))
         notes = folder_notes + outputs.report_notes(result.report())

@@ -4,12 +4,13 @@
 desktop application, in ``Slicer --python-script`` batch jobs and in plain Python with ``slicer-core`` (the
 tests). It imports only the MRML classes (``slicer``), vtk and the engine; never Qt, never dialogs.
 
-Two ways to run (``process(..., waitForCompletion, useWorker)``):
+Two ways to run (``process(..., wait_for_completion, use_worker)``; ``waitForCompletion`` / ``useWorker``
+in ``COVIDLesionSegLogic.process``):
 
-- **blocking** (``waitForCompletion=True``): by default the engine runs *in this process* (scripts, batch,
-  self-tests: no subprocess start-up, models stay loaded between cases); ``useWorker=True`` runs the
+- **blocking** (``wait_for_completion=True``): by default the engine runs *in this process* (scripts, batch,
+  self-tests: no subprocess start-up, models stay loaded between cases); ``use_worker=True`` runs the
   worker process and waits for it (what a script wants when it must survive a crash of the inference).
-- **background** (``waitForCompletion=False``): always the worker process (``worker.py``), never the GUI
+- **background** (``wait_for_completion=False``): always the worker process (``worker.py``), never the GUI
   thread. ``process`` returns a :class:`SegmentationRun` at once; the caller (the widget's QTimer) calls
   :meth:`SegmentationRun.poll` until it is done and may :meth:`~SegmentationRun.cancel` at any time.
 
@@ -17,7 +18,7 @@ Nothing in the scene changes until a run has succeeded: a new output segmentatio
 only when the result is imported, so a cancelled or failed run leaves the scene as it was. Results are then
 written by :mod:`.mrml`: segments with names, colours and terminology, reference geometry from the input,
 Subject Hierarchy placement under the input's study, this module's earlier segments replaced according to
-the ``replaceExisting`` policy (the user's own segments are never touched), and the quantification table.
+the ``replace_existing`` policy (the user's own segments are never touched), and the quantification table.
 """
 
 from __future__ import annotations
@@ -32,8 +33,16 @@ from typing import Any, Callable, Optional
 
 from . import mrml
 from .progress import Cancelled
-from .worker import (Progress, ProgressEstimator, WorkerError, WorkerProcess, classify_error, inference_command,
-                     read_worker_result, write_input_nrrd)
+from .worker import (
+    Progress,
+    ProgressEstimator,
+    WorkerError,
+    WorkerProcess,
+    classify_error,
+    inference_command,
+    read_worker_result,
+    write_input_nrrd,
+)
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -206,48 +215,98 @@ class SegmentationRun:
             raise Cancelled(self.error or "cancelled")
 
 
+#: Application setting holding the model cache folder the user chose (the module's Advanced section).
+MODEL_FOLDER_SETTING = "COVIDLesionSeg/ModelCacheFolder"
+#: What the catalogue reads (``catalogue.cache_dir``); worker processes inherit it.
+MODEL_FOLDER_ENV = "COVIDLESIONSEG_MODEL_DIR"
+
+
+def _application_settings():
+    """The Slicer application's settings (a QSettings reached through ``slicer.app``), or None outside it."""
+    try:
+        import slicer
+    except ImportError:
+        return None
+    app = getattr(slicer, "app", None)
+    return app.userSettings() if app is not None and hasattr(app, "userSettings") else None
+
+
+def saved_model_folder() -> Optional[str]:
+    """The model cache folder saved in Slicer's settings, or None (not in Slicer, or never chosen)."""
+    settings = _application_settings()
+    value = settings.value(MODEL_FOLDER_SETTING) if settings is not None else None
+    return str(value) if value else None
+
+
 class SegmentationLogic:
-    """Qt-free implementation of ``COVIDLesionSegLogic`` (see the module docstring)."""
+    """Qt-free implementation of ``COVIDLesionSegLogic`` (see the module docstring); snake_case like the rest of
+    the engine, with ``COVIDLesionSeg.py`` giving Slicer's camelCase names to the same calls.
+
+    The logic owns the model cache folder: a folder the user chose in the module is read from Slicer's
+    settings here, so every user of the logic (the widget, scripts in the Python console,
+    ``Slicer --python-script batch.py``) and the worker processes it starts use it; an explicit
+    ``COVIDLESIONSEG_MODEL_DIR`` in the environment still wins (a script's own choice).
+    """
 
     def __init__(self, scene=None):
         self.scene = scene
         self._pipelines: dict[tuple, Any] = {}
+        saved = saved_model_folder()
+        if saved and not os.environ.get(MODEL_FOLDER_ENV):
+            os.environ[MODEL_FOLDER_ENV] = saved
+
+    # -- settings ------------------------------------------------------------------------------------------------
+    @property
+    def model_folder(self) -> Path:
+        """Where imported and downloaded models are kept (``catalogue.cache_dir``)."""
+        from . import catalogue
+
+        return catalogue.cache_dir()
+
+    @model_folder.setter
+    def model_folder(self, path: str | os.PathLike) -> None:
+        path = str(path)
+        settings = _application_settings()
+        if settings is not None:
+            settings.setValue(MODEL_FOLDER_SETTING, path)
+        os.environ[MODEL_FOLDER_ENV] = path   # the catalogue here and the worker processes read it
 
     # -- queries -------------------------------------------------------------------------------------------------
     @staticmethod
-    def inputProblem(volume_node) -> Optional[str]:
+    def input_problem(volume_node) -> Optional[str]:
         """None when ``volume_node`` can be segmented, else the reason (for disabling the Segment button)."""
         return mrml.volume_node_problem(volume_node)
 
     @staticmethod
-    def existingGeneratedSegments(segmentation_node) -> list[mrml.ExistingSegment]:
+    def existing_generated_segments(segmentation_node) -> list[mrml.ExistingSegment]:
         return mrml.existing_generated_segments(segmentation_node)
 
     # -- running -------------------------------------------------------------------------------------------------
-    def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, device: str = "auto",
-                lungsOnly: bool = False, waitForCompletion: bool = True,
-                progressCallback: Optional[ProgressCallback] = None, replaceExisting=None,
-                lungModel: Optional[str] = None, resultsTable=None, useWorker: Optional[bool] = None,
-                showSurfaces: bool = False, logCallback: Optional[Callable[[str], None]] = None,
-                ) -> SegmentationRun:
-        """Segment the lungs and COVID-19 infection of ``inputVolume``.
+    def process(self, input_volume, output_segmentation=None, *, model: Optional[str] = None,
+                lung_model: Optional[str] = None, device: str = "auto", lungs_only: bool = False,
+                wait_for_completion: bool = True, use_worker: Optional[bool] = None,
+                progress_callback: Optional[ProgressCallback] = None,
+                log_callback: Optional[Callable[[str], None]] = None, replace_existing=None,
+                results_table=None, show_surfaces: bool = False) -> SegmentationRun:
+        """Segment the lungs and COVID-19 infection of ``input_volume``.
 
         Args:
-            inputVolume: ``vtkMRMLScalarVolumeNode`` with a chest CT in Hounsfield units.
-            outputSegmentation: ``vtkMRMLSegmentationNode`` to write into; None creates one when the result
+            input_volume: ``vtkMRMLScalarVolumeNode`` with a chest CT in Hounsfield units.
+            output_segmentation: ``vtkMRMLSegmentationNode`` to write into; None creates one when the result
                 arrives (named after the input).
-            model: infection model id (None: the catalogue's default). ``lungModel`` likewise for the lungs.
+            model: infection model id (None: the catalogue's default). ``lung_model`` likewise for the lungs.
             device: "auto", "cpu" or "cuda".
-            lungsOnly: segment the lungs only (no infection segment).
-            waitForCompletion: block until done (True) or return a running :class:`SegmentationRun` (False).
-            progressCallback: called with a :class:`~.worker.Progress`; in blocking in-process runs it may
+            lungs_only: segment the lungs only (no infection segment).
+            wait_for_completion: block until done (True) or return a running :class:`SegmentationRun` (False).
+            use_worker: blocking runs only: run in a worker process (True) or in this process (None/False).
+            progress_callback: called with a :class:`~.worker.Progress`; in blocking in-process runs it may
                 raise :class:`~.progress.Cancelled` to stop.
-            replaceExisting: this module's earlier segments in ``outputSegmentation``: True replaces them,
+            log_callback: called with each line for the user's log (notes, the worker's messages).
+            replace_existing: this module's earlier segments in ``output_segmentation``: True replaces them,
                 False keeps them (renamed "(previous)"), None (default) replaces the unedited ones and keeps
                 the ones the user edited (renamed "(edited)"). The user's own segments are never touched.
-            resultsTable: ``vtkMRMLTableNode`` for the quantification (None: a new one).
-            useWorker: blocking runs only: run in a worker process (True) or in this process (None/False).
-            showSurfaces: also build the closed-surface (3D) representation.
+            results_table: ``vtkMRMLTableNode`` for the quantification (None: a new one).
+            show_surfaces: also build the closed-surface (3D) representation.
 
         Returns:
             the :class:`SegmentationRun` (finished when blocking; ``run.result`` holds the nodes and report).
@@ -259,18 +318,20 @@ class SegmentationLogic:
 
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        policy = mrml.ReplacePolicy.from_argument(replaceExisting)
-        image = mrml.image_from_volume_node(inputVolume)          # InputError if the node is unusable
-        image, notes = checks.check_ct(image)                      # InputError with the reason and a way out
-        request = _Request(inputVolume, outputSegmentation, resultsTable, model or "", lungModel or "", device,
-                           bool(lungsOnly), policy, bool(showSurfaces), inputVolume.GetName() or "CT")
-        run = SegmentationRun(request, progressCallback, logCallback)
-        for note in notes:
-            run._log(note)
+        policy = mrml.ReplacePolicy.from_argument(replace_existing)
+        image = mrml.image_from_volume_node(input_volume)         # InputError if the node is unusable
+        request = _Request(input_volume, output_segmentation, results_table, model or "", lung_model or "",
+                           device, bool(lungs_only), policy, bool(show_surfaces), input_volume.GetName() or "CT")
+        run = SegmentationRun(request, progress_callback, log_callback)
 
-        if not waitForCompletion or useWorker:
+        if not wait_for_completion or use_worker:
+            # Checked here too, so that a bad input is refused before a process starts; the worker then takes
+            # the input through checks.load_volume like every other entry point.
+            image, notes = checks.check_ct(image)                  # InputError with the reason and a way out
+            for note in notes:
+                run._log(note)
             run.start_worker(image)
-            if waitForCompletion:
+            if wait_for_completion:
                 try:
                     run.wait()
                 except BaseException:
@@ -280,7 +341,7 @@ class SegmentationLogic:
             return run
 
         try:
-            masks, report = self._run_in_process(image, request, notes, run)
+            masks, report = self._run_in_process(image, request, run)
             run.result = import_result(request, masks, report)
         except BaseException as exc:
             kind, message = classify_error(exc) if isinstance(exc, Exception) else ("cancelled", "Interrupted.")
@@ -300,9 +361,9 @@ class SegmentationLogic:
                                                             device=request.device, lungs_only=request.lungs_only))}
         return self._pipelines[key]
 
-    def _run_in_process(self, image, request: _Request, notes: list[str], run: SegmentationRun):
+    def _run_in_process(self, image, request: _Request, run: SegmentationRun):
+        from .checks import load_volume
         from .pipeline import overall_fraction
-        from .volume import CTVolume
 
         estimator = ProgressEstimator(start=run.started)
 
@@ -310,9 +371,11 @@ class SegmentationLogic:
             overall = overall_fraction(stage, fraction)
             run._progress(Progress(stage, fraction, overall, message, estimator.update(overall)))
 
+        volume = load_volume(image, name=request.case_name, source_label=request.input_volume.GetID() or "",
+                             on_progress=on_progress)
+        for note in volume.notes:
+            run._log(note)
         on_progress("check", 1.0, "input checked")
-        volume = CTVolume.from_image(image, name=request.case_name, source=request.input_volume.GetID() or "",
-                                     notes=notes)
         result = self._pipeline(request).run(volume, on_progress=on_progress)
         on_progress("write", 0.0, "creating segments")
         report = result.report()

@@ -14,7 +14,7 @@ Protocol (one run = one process, files in and out):
 
   - progress: ``{"stage": "lungs", "fraction": 0.4, "overall": 0.31, "message": "..."}`` (``fraction`` is
     the stage's own share, ``overall`` the whole run's, weighted by :data:`~.pipeline.STAGE_WEIGHTS`);
-  - a note for the user's log: ``{"log": "GPU ran out of memory; retrying on the CPU"}``;
+  - a note for the user's log: ``{"log": "The GPU ran out of memory; retrying on the CPU (slower)."}``;
   - last, the outcome: ``{"status": "ok", "message": ..., "masks": "masks.nrrd", "report": "report.json"}``
     or ``{"status": "error", "kind": KIND, "message": ...}`` with KIND one of :data:`ERROR_KINDS`.
 
@@ -23,8 +23,9 @@ Protocol (one run = one process, files in and out):
 - Results, written last: ``masks.nrrd`` (uncompressed uint8 on the input's exact grid; segment *i* of
   ``report["segments"]`` is bit ``report["segments"][i]["bit"]`` of each voxel, because the segments overlap:
   infection voxels also belong to a lung) and ``report.json`` (the engine's report plus the segment bits).
-- A CUDA out-of-memory error is retried once on the CPU, and the worker says so in a log line and in the
-  report's notes. Other failures end with an error line whose message is written for the user.
+- A CUDA out-of-memory error moves the network to the CPU, where the case runs again (the network model does
+  that, ``network_predictor.py``); the worker says so in a log line and in the report's notes. Other failures
+  end with an error line whose message is :func:`~.errors.user_message`'s.
 
 :class:`WorkerProcess` is the parent side: it starts the command, reads its stdout on a thread into a queue
 (so a Qt timer can poll without blocking), estimates the remaining time, cancels by killing the process
@@ -48,12 +49,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import CovidLesionSegError
+
 MASKS_FILE = "masks.nrrd"
 REPORT_FILE = "report.json"
 INPUT_FILE = "input.nrrd"
 STDERR_FILE = "worker-stderr.txt"
 
-ERROR_KINDS = ("bad_input", "model", "missing_dependency", "out_of_memory", "cancelled", "crashed", "internal")
+#: ``kind`` of an error outcome: :func:`~.errors.user_message`'s kinds, and "crashed" for a worker that died
+#: without an outcome line.
+ERROR_KINDS = ("bad_input", "model", "device", "output", "file", "missing_dependency", "out_of_memory",
+               "cancelled", "crashed", "internal")
 
 #: Emit a progress line at most this often (s) unless the stage changes or the overall fraction moved a lot.
 PROGRESS_INTERVAL_S = 0.25
@@ -92,45 +98,15 @@ class _Emitter:
         self.line({"log": message})
 
 
-def _is_cuda_oom(exc: BaseException) -> bool:
-    text = str(exc)
-    return (type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
-            or "CUBLAS_STATUS_ALLOC_FAILED" in text or "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE" in text)
-
-
-def _is_cpu_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
-
-
-def _release_gpu_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def classify_error(exc: BaseException) -> tuple[str, str]:
-    """(kind, message for the user) of an exception raised by a run."""
-    from .errors import InputError, ModelError
-    from .progress import Cancelled
+    """(kind, message for the user) of an exception raised by a run: :func:`~.errors.user_message`, with the
+    short title in front of the engine's own messages (the Slicer dialog shows them without other context)."""
+    from .errors import user_message
 
-    if isinstance(exc, Cancelled):
-        return "cancelled", "Segmentation was cancelled."
-    if isinstance(exc, InputError):
-        return "bad_input", f"The input cannot be segmented: {exc}"
-    if isinstance(exc, ModelError):
-        return "model", f"Model problem: {exc}"
-    if isinstance(exc, ImportError):
-        missing = getattr(exc, "name", None) or str(exc)
-        return "missing_dependency", (
-            f"A Python package the segmentation needs is missing ({missing}). Install it with "
-            "'Install dependencies' in the Advanced section (or `pip install covidlesionseg` outside Slicer).")
-    if _is_cuda_oom(exc):
-        return "out_of_memory", ("The GPU ran out of memory, also after retrying. Choose the CPU as device, a "
-                                 "smaller model, or close other programs using the GPU.")
-    if _is_cpu_oom(exc):
-        return "out_of_memory", ("The computer ran out of memory. Close other programs, choose a lighter model, "
-                                 "or crop the CT to the chest before segmenting.")
-    return "internal", f"Unexpected error: {type(exc).__name__}: {exc}"
+    message = user_message(exc)
+    if message.kind in ("cancelled", "out_of_memory", "missing_dependency", "internal") or not message.title:
+        return message.kind, message.text
+    return message.kind, f"{message.title}: {message.text}"
 
 
 def _encode_masks(masks: dict[str, Any]):
@@ -161,47 +137,48 @@ def _make_pipeline(args, device: str):
                                    device=device, lungs_only=args.lungs_only))
 
 
+#: The log line of the CUDA out-of-memory fallback.
+FALLBACK_LOG = "The GPU ran out of memory; retrying on the CPU (slower)."
+
+
+def _models(pipeline) -> list[Any]:
+    return [m for m in (getattr(pipeline, "lung_model", None), getattr(pipeline, "infection_model", None)) if m]
+
+
+def _tell_on_fallback(pipeline, emit: _Emitter) -> None:
+    """Log the CUDA out-of-memory fallback of a network model (network_predictor.py) when it happens: now for
+    one that fell back while loading, else from the model's ``on_fallback`` hook."""
+    for model in _models(pipeline):
+        if getattr(model, "fell_back_to_cpu", False):
+            emit.log(FALLBACK_LOG)
+        elif hasattr(model, "on_fallback"):
+            model.on_fallback = lambda _message: emit.log(FALLBACK_LOG)
+
+
+def _fell_back_to_cpu(pipeline) -> bool:
+    """Whether a model of ``pipeline`` ran out of GPU memory and went on on the CPU (network_predictor.py)."""
+    return any(getattr(model, "fell_back_to_cpu", False) for model in _models(pipeline))
+
+
 def run_worker(args, emit: _Emitter) -> dict[str, Any]:
     """Read, check, segment and write; returns the outcome line (raises nothing)."""
     try:
         import SimpleITK as sitk
 
-        from . import checks, io
+        from .checks import load_volume
         from .outputs import atomic_write, write_json_report
-        from .volume import CTVolume
 
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = {}
+        volume = load_volume(args.input, name=args.name or None, on_progress=emit.progress, timings=timings)
 
-        start = time.perf_counter()
-        emit.progress("read", 0.0, f"reading {Path(args.input).name}")
-        image, notes = io.read_image(args.input)
-        timings["read"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        emit.progress("check", 0.0, "checking the image")
-        image, check_notes = checks.check_ct(image)
-        volume = CTVolume.from_image(image, name=args.name or io.case_name(args.input), source=args.input,
-                                     notes=notes + check_notes)
-        del image
-        timings["check"] = time.perf_counter() - start
-
-        device = args.device
-        retried = False
-        while True:
-            try:
-                pipeline = _make_pipeline(args, device)
-                result = pipeline.run(volume, on_progress=emit.progress, timings=timings)
-                break
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if device != "cpu" and _is_cuda_oom(exc) and not retried:
-                    retried = True
-                    device = "cpu"
-                    _release_gpu_memory()
-                    emit.log("The GPU ran out of memory; retrying on the CPU (slower).")
-                    continue
-                raise
+        # A CUDA out-of-memory error is handled where the GPU memory is, in the network model, which moves
+        # itself to the CPU and runs again (network_predictor.py); the worker only tells the user.
+        pipeline = _make_pipeline(args, args.device)
+        _tell_on_fallback(pipeline, emit)
+        result = pipeline.run(volume, on_progress=emit.progress, timings=timings)
+        retried = _fell_back_to_cpu(pipeline)
 
         start = time.perf_counter()
         emit.progress("write", 0.0, "writing the result")
@@ -224,8 +201,6 @@ def run_worker(args, emit: _Emitter) -> dict[str, Any]:
         return {"status": "ok", "message": message, "masks": MASKS_FILE, "report": REPORT_FILE,
                 "retried_on_cpu": retried}
     except BaseException as exc:  # noqa: BLE001 - the outcome line must always be written
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            return {"status": "error", "kind": "cancelled", "message": "Segmentation was interrupted."}
         kind, message = classify_error(exc)
         if kind == "internal":
             traceback.print_exc(file=sys.stderr)
@@ -384,8 +359,9 @@ class WorkerEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class WorkerError(RuntimeError):
-    """A worker ended with an error; ``kind`` is one of :data:`ERROR_KINDS`."""
+class WorkerError(CovidLesionSegError, RuntimeError):
+    """A worker ended with an error; ``kind`` is one of :data:`ERROR_KINDS`, the message the worker's (already
+    written for the user by :func:`~.errors.user_message`)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
 from COVIDLesionSegLib.cli import add_model_options, device_note  # noqa: E402
-from COVIDLesionSegLib.errors import CovidLesionSegError, InputError, OutputError  # noqa: E402
+from COVIDLesionSegLib.errors import InputError, OutputError, user_message  # noqa: E402
 
 
 def in_slicer_app() -> bool:
@@ -123,8 +123,9 @@ class SceneContext:
 
     def _load_dicom_with_database(self, folder: Path):
         """Import the folder into a temporary DICOM database and load its largest scalar volume (Slicer only)."""
-        import slicer
         from DICOMLib import DICOMUtils
+
+        import slicer
 
         before = set(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
         try:
@@ -160,7 +161,6 @@ def _voxel_count(node) -> int:
 def save_segmentation(segmentation_node, path: Path) -> Path:
     """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic and read back before the rename)."""
     import slicer
-
     from COVIDLesionSegLib.outputs import atomic_write, verify_nrrd
 
     def write(tmp: Path) -> None:
@@ -197,13 +197,12 @@ def run_batch(args) -> int:
     from COVIDLesionSegLib import outputs
     from COVIDLesionSegLib.progress import Cancelled
     from COVIDLesionSegLib.slicer_logic import SegmentationLogic
-    from COVIDLesionSegLib.worker import classify_error
 
     output = Path(args.output)
     try:
         outputs.prepare_output_folder(output)       # before any case: a read-only folder fails at once
     except OutputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc).text}", file=sys.stderr)
         return 1
     cases, skipped = outputs.skip_own_outputs(engine_io.expand_inputs(args.input), output)
     if skipped:
@@ -220,7 +219,7 @@ def run_batch(args) -> int:
     logic = SegmentationLogic(context.scene)
     names = engine_io.unique_case_names(cases)
     failures = []
-    for index, (case, name) in enumerate(zip(cases, names)):
+    for index, (case, name) in enumerate(zip(cases, names, strict=True)):
         print(f"[{index + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         volume = run = None
@@ -236,9 +235,9 @@ def run_batch(args) -> int:
             for message in writer.check_free():
                 print(f"  note: {message}", file=sys.stderr)
             volume = context.load(case, name)
-            run = logic.process(volume, None, model=args.model or None, device=args.device,
-                                lungsOnly=args.lungs_only, waitForCompletion=True, progressCallback=on_progress,
-                                lungModel=args.lung_model or None)
+            run = logic.process(volume, None, model=args.model or None, lung_model=args.lung_model or None,
+                                device=args.device, lungs_only=args.lungs_only, wait_for_completion=True,
+                                progress_callback=on_progress)
             report = dict(run.result.report)
             report["case"] = name
             report.setdefault("input", {})["source"] = str(case)
@@ -253,14 +252,16 @@ def run_batch(args) -> int:
             print("cancelled", file=sys.stderr)
             return 130
         except outputs.OutputExistsError as exc:  # a complete result is there: its row stays as it is
-            failures.append((str(case), str(exc)))
-            print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
+            message = user_message(exc).text
+            failures.append((str(case), message))
+            print(f"  FAILED: {message}", file=sys.stderr, flush=True)
         except outputs.OutputWriteError as exc:   # a full disk: every later case would fail the same way
-            _record_failure(writer, case, str(exc), started)
-            print(f"error: {exc}", file=sys.stderr)
+            message = user_message(exc).text
+            _record_failure(writer, case, message, started)
+            print(f"error: {message}", file=sys.stderr)
             return 1
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
-            message = str(exc) if isinstance(exc, CovidLesionSegError) else classify_error(exc)[1]
+            message = user_message(exc).text
             failures.append((str(case), message))
             print(f"  FAILED: {message}", file=sys.stderr, flush=True)
             _record_failure(writer, case, message, started)

@@ -3,31 +3,18 @@ errors, checksum checks, and importing a checkpoint from a file."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from COVIDLesionSegLib import catalogue
 from COVIDLesionSegLib.cli import main
 from COVIDLesionSegLib.errors import ModelError
 from COVIDLesionSegLib.models.checkpoint import file_sha256
-from Testing.engine.test_network_predictor import _checkpoint, _linear, test_archs  # noqa: F401 (autouse: registers the test-only architectures)
+from Testing.engine.helpers import _checkpoint, _linear
 
 
-@pytest.fixture
-def remote_model(tmp_path, monkeypatch):
-    """A manifest listing one model by URL only (a file:// URL of a checkpoint this test writes) and an
-    empty model cache."""
-    (tmp_path / "server").mkdir()
-    served = _checkpoint(tmp_path / "server", "test-pred-linear2d", _linear(2), 2, name="big-variant")
-    manifest = tmp_path / "manifest.json"
-    record = {"id": "big-variant", "version": "1", "task": "infection", "description": "a larger variant",
-              "url": served.as_uri(), "sha256": file_sha256(served), "size_bytes": served.stat().st_size,
-              "licence": "test"}
-    manifest.write_text(json.dumps({"models": [record], "defaults": {}}))
-    monkeypatch.setattr(catalogue, "MANIFEST_PATH", manifest)
-    monkeypatch.setenv("COVIDLESIONSEG_MODEL_DIR", str(tmp_path / "cache"))
-    return served, record
+@pytest.fixture(scope="module", autouse=True)
+def _archs(test_archs):
+    """Every test here runs with the test-only architectures registered (Testing/conftest.py)."""
 
 
 def test_a_url_model_is_not_fetched_until_asked(remote_model):

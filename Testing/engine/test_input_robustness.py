@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from COVIDLesionSegLib.phantom import make_chest_phantom
 from COVIDLesionSegLib.pipeline import Pipeline, SegmentOptions
 from COVIDLesionSegLib.volume import CTVolume
+from Testing.engine.helpers import _ramp_series, _write_dicom_series
 
 # Every DICOM orientation code: one letter of each pair, in any axis order (48 codes).
 ORIENTATIONS = ["".join(p) for letters in itertools.product("LR", "PA", "SI")
@@ -49,24 +50,13 @@ def test_random_orientation_and_tiny_spacing_changes_give_identical_physical_res
         stored = sitk.DICOMOrient(image, code)
         eps = rng.choice([-2e-14, -1e-14, 1e-14, 2e-14], size=3)
         eps[draw % 3] = -1e-14 if draw == 0 else 1e-14   # each run has one axis nudged each way
-        stored.SetSpacing([float(s + e) for s, e in zip(stored.GetSpacing(), eps)])
+        stored.SetSpacing([float(s + e) for s, e in zip(stored.GetSpacing(), eps, strict=True)])
         result = hu_pipeline.run(CTVolume.from_image(stored))
         assert _volumes(result) == base_volumes, (code, eps.tolist())
         assert np.array_equal(_lps_labels(result), base_labels), (code, eps.tolist())
 
 
 # ------------------------------------------------------------------------------------ DICOM series (item 4)
-
-def _ramp_series(folder, positions_z, uid, tags=None):
-    """A DICOM series whose every voxel of slice k holds a value linear in its z position, so that an
-    interpolated slice has a known exact value."""
-    from Testing.engine.test_io_checks import _write_dicom_series, hu_image
-
-    arr = sitk.GetArrayFromImage(hu_image(shape_zyx=(len(positions_z), 80, 80))).astype(np.int16)
-    arr[:, :4, :4] = (np.round(np.asarray(positions_z) * 4) - 900).astype(np.int16)[:, None, None]  # the ramp
-    _write_dicom_series(folder, arr, (0.8, 0.8, 2.5), uid, positions_z=list(positions_z), extra_tags=tags)
-    return arr
-
 
 def test_dicom_series_with_missing_slices_is_refused_unless_allowed(tmp_path):
     from COVIDLesionSegLib.errors import InputError
@@ -120,7 +110,6 @@ def test_every_dicom_series_is_named_and_the_used_one_said(tmp_path):
 
 def test_cli_allow_slice_gaps_flag(tmp_path, capsys):
     from COVIDLesionSegLib.cli import main
-    from Testing.engine.test_io_checks import _write_dicom_series
 
     image, _ = make_chest_phantom(shape_zyx=(40, 96, 104), spacing_zyx=(6.0, 3.6, 3.4))
     arr = sitk.GetArrayFromImage(image)
@@ -173,7 +162,7 @@ def test_truncated_file_of_every_format_is_refused(tmp_path, small_ct, name, com
 
 
 @pytest.mark.parametrize("name, compressed, data_file", [f for f in FORMATS if f[1]],
-                         ids=[i for i, f in zip(FORMAT_IDS, FORMATS) if f[1]])
+                         ids=[i for i, f in zip(FORMAT_IDS, FORMATS, strict=True) if f[1]])
 def test_corrupted_compressed_file_is_refused(tmp_path, small_ct, name, compressed, data_file):
     """A flipped byte inside compressed pixel data breaks the stream's checksum: refuse, never read garbage.
     (Uncompressed formats carry no checksum; a flipped pixel byte there cannot be told from a real value.)"""
@@ -290,7 +279,7 @@ def test_evaluate_refuses_a_reference_on_another_grid(tmp_path):
     pred = tmp_path / "pred_labels.nii.gz"
     sitk.WriteImage(labelmap, str(pred))
     shifted = sitk.Image(labelmap)
-    shifted.SetOrigin([o + 0.5 * s for o, s in zip(labelmap.GetOrigin(), labelmap.GetSpacing())])
+    shifted.SetOrigin([o + 0.5 * s for o, s in zip(labelmap.GetOrigin(), labelmap.GetSpacing(), strict=True)])
     ref = tmp_path / "ref_shifted.nii.gz"
     sitk.WriteImage(shifted, str(ref))
     with pytest.raises(InputError, match="grid.*resample"):

@@ -11,22 +11,7 @@ from COVIDLesionSegLib.errors import InputError
 from COVIDLesionSegLib.io import case_name, read_image
 from COVIDLesionSegLib.volume import CTVolume, Geometry
 from Testing.conftest import shared_file
-
-
-def hu_image(shape_zyx=(8, 80, 80), value=-1000, dtype=np.int16, spacing=(0.8, 0.8, 2.5)) -> sitk.Image:
-    """A small CT-like volume: air around a water body with air-filled 'lungs'."""
-    z, y, x = shape_zyx
-    arr = np.full(shape_zyx, value, dtype=dtype)
-    yy, xx = np.mgrid[:y, :x]
-    body = ((yy - y / 2) / (0.4 * y)) ** 2 + ((xx - x / 2) / (0.45 * x)) ** 2 < 1
-    arr[:, body] = 40
-    for cx in (0.33 * x, 0.67 * x):
-        lung = ((yy - y / 2) / (0.25 * y)) ** 2 + ((xx - cx) / (0.12 * x)) ** 2 < 1
-        arr[:, lung] = -850
-    arr[:, y // 2, x // 2] = 700  # a bit of bone
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    return img
+from Testing.engine.helpers import _write_dicom_series, hu_image
 
 
 def test_plausible_ct_passes_unchanged():
@@ -158,31 +143,6 @@ def test_real_dicom_series_geometry():
     assert first.exists() and notes == []
     checked, _ = check_ct(image)
     assert checked.GetSize() == image.GetSize()
-
-
-def _write_dicom_series(folder, arr, spacing, series_uid, tilt_mm_per_slice=0.0, positions_z=None, extra_tags=None):
-    """Write a CT DICOM series with SimpleITK (one file per slice, real tags), in shuffled file order.
-
-    ``extra_tags`` adds or replaces tags of every slice (e.g. ``{"0008|103e": "a description"}``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    n = arr.shape[0]
-    order = np.random.default_rng(1).permutation(n)
-    for k in range(n):
-        sl = sitk.GetImageFromArray(arr[k].astype(np.int16))
-        sl.SetSpacing(spacing[:2])
-        z = positions_z[k] if positions_z is not None else k * spacing[2]
-        tags = {
-            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
-            "0020|0032": f"0\\{k * tilt_mm_per_slice}\\{z}", "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}", "0028|1052": "0", "0028|1053": "1",
-        }
-        tags.update(extra_tags or {})
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"img{order[k]:03d}.dcm"))
-        writer.Execute(sl)
 
 
 def test_dicom_folder_picks_largest_series_and_orders_by_position(tmp_path):

@@ -8,16 +8,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 from scipy import ndimage as ndi
-from torch import nn
 
 from COVIDLesionSegLib.models import registry
-from COVIDLesionSegLib.models.checkpoint import Checkpoint, save_checkpoint
-from COVIDLesionSegLib.network_predictor import (DeviceError, NetworkInfectionModel, NetworkLungModel, NetworkModel,
-                                                 resolve_device)
+from COVIDLesionSegLib.models.checkpoint import Checkpoint
+from COVIDLesionSegLib.network_predictor import (
+    DeviceError,
+    NetworkInfectionModel,
+    NetworkLungModel,
+    NetworkModel,
+    resolve_device,
+)
 from COVIDLesionSegLib.predictor import InfectionModel, LungModel
 from COVIDLesionSegLib.progress import Cancelled
 from COVIDLesionSegLib.volume import CTVolume, Geometry
 from Testing.conftest import shared_file
+from Testing.engine.helpers import _checkpoint, _linear, _LungRule, _spec, _tiny, pretend_full_gpu
 
 torch.set_num_threads(2)
 
@@ -26,79 +31,9 @@ torch.set_num_threads(2)
 # Test-only networks
 # ------------------------------------------------------------------------------------------------------------
 
-def _tiny(dims: int, in_channels: int = 1, out_channels: int = 1, width: int = 4) -> nn.Module:
-    conv = nn.Conv2d if dims == 2 else nn.Conv3d
-    return nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
-
-
-class _LungRule(nn.Module):
-    """Logits from intensity and column: lung where the (0..1 windowed) input < 0.3; the image's left half
-    (small x = patient right) is channel ``right``. Stands in for a trained 3-class lung network."""
-
-    def __init__(self, right: int = 2, left: int = 1):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(20.0))
-        self.right, self.left = right, left
-
-    def forward(self, x):
-        lung = (x[:, :1] < 0.3).float()
-        w = x.shape[-1]
-        is_left_of_image = (torch.arange(w, device=x.device) < w / 2).float().view(*([1] * (x.ndim - 1)), w)
-        logits = torch.full((x.shape[0], 3, *x.shape[2:]), -1.0, device=x.device) * self.scale
-        logits[:, 0] = self.scale * (1 - 2 * lung[:, 0])
-        logits[:, self.right] = self.scale * (2 * lung[:, 0] * is_left_of_image - 1)
-        logits[:, self.left] = self.scale * (2 * lung[:, 0] * (1 - is_left_of_image) - 1)
-        return logits
-
-
-TEST_ARCHS = {
-    "test-pred-tiny2d": (lambda **kw: _tiny(2, **kw), (2,)),
-    "test-pred-tiny3d": (lambda **kw: _tiny(3, **kw), (3,)),
-    "test-pred-linear2d": (lambda: nn.Conv2d(1, 1, 1), (2,)),
-    "test-pred-linear3d": (lambda: nn.Conv3d(1, 1, 1), (3,)),
-    "test-pred-lungrule": (lambda: _LungRule(), (2, 3)),
-}
-
-
 @pytest.fixture(scope="module", autouse=True)
-def test_archs():
-    registry.architectures()  # import the real networks first
-    for arch_id, (builder, dims) in TEST_ARCHS.items():
-        registry.register(arch_id, dims=dims, paper="test", summary="test-only")(builder)
-    yield
-    for arch_id in TEST_ARCHS:
-        del registry._ARCHITECTURES[arch_id]
-
-
-WINDOW = {"name": "hu_window_01", "lo": -1000.0, "hi": 0.0}
-
-
-def _spec(dims: int, intensity=WINDOW, **extra):
-    spec = {"dims": dims, "in_channels": 1, "intensity": dict(intensity)}
-    if dims == 2:
-        spec["slice_size"] = [32, 32]
-    else:
-        spec.update(spacing_zyx=[2.0, 1.2, 1.2], patch_size=[8, 16, 16])
-    spec.update(extra)
-    return spec
-
-
-def _checkpoint(tmp_path, arch, net, dims, *, task="infection", name="m", args=None, labels=None, output=None,
-                **spec_extra):
-    path = tmp_path / f"{name}.pt"
-    save_checkpoint(path, net, model_config={"arch": arch, "args": args or {}}, input_spec=_spec(dims, **spec_extra),
-                    labels=labels or {"0": "background", "1": "infection"},
-                    output=output or {"activation": "sigmoid"}, task=task, model_id=name, version="1")
-    return path
-
-
-def _linear(dims: int) -> nn.Module:
-    """logit = 20 * window01(HU) - 10: > 0.5 where HU > -500 (dense lesion, tissue), ~0 in aerated lung."""
-    net = nn.Conv2d(1, 1, 1) if dims == 2 else nn.Conv3d(1, 1, 1)
-    with torch.no_grad():
-        net.weight.fill_(20.0)
-        net.bias.fill_(-10.0)
-    return net
+def _archs(test_archs):
+    """Every test here runs with the test-only architectures registered (Testing/conftest.py)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -321,18 +256,7 @@ def test_cuda_out_of_memory_falls_back_to_cpu(tmp_path, monkeypatch):
     vol = _volume(hu)
     expected = model.predict(vol, labels)
 
-    # Pretend the model sits on a GPU that runs out of memory on the first attempt.
-    model._device = torch.device("cuda")
-    real = model._predict
-    attempts = []
-
-    def flaky(volume, mask, progress):
-        attempts.append(model._device.type)
-        if model._device.type == "cuda":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(volume, mask, progress)
-
-    monkeypatch.setattr(model, "_predict", flaky)
+    attempts = pretend_full_gpu(model, monkeypatch)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         prob = model.predict(vol, labels)
     assert attempts == ["cuda", "cpu"]

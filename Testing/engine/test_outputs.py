@@ -60,7 +60,7 @@ def partial_files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def mrml():
-    """A real MRML scene with the logics a segmentation round trip needs (SLICER.md recipe)."""
+    """A real MRML scene with the logics a segmentation round trip needs (as mrml.create_standalone_scene)."""
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
@@ -73,7 +73,7 @@ def mrml():
         logic.SetMRMLScene(scene)
         logic.SetMRMLApplicationLogic(app_logic)
         app_logic.SetModuleLogic(name, logic)
-        logics[name] = logic  # keep Python references alive (SLICER.md)
+        logics[name] = logic  # keep Python references alive (see mrml.StandaloneScene)
     logics["Colors"].AddDefaultColorNodes()
     yield {"slicer": slicer, "scene": scene, "app": app_logic, **logics}
     scene.Clear(1)

@@ -182,7 +182,7 @@ def test_registered_architectures_build_from_config():
     archs = architectures()
     for arch_id in ("grid_unet", "grid_linknet", "grid_fpn", "grid_pspnet"):
         arch = archs[arch_id]
-        assert arch.dims == (2,) and arch.paper == "004_ba2a4da41d25bd52"
+        assert arch.dims == (2,) and arch.paper == "bizopoulos_grid"
         model = build({"arch": arch_id, "args": {**arch.tiny_args, "encoder": "efficientnet-b0"}}).eval()
         with torch.no_grad():
             assert model(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32)

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 
 from COVIDLesionSegLib.models import architectures, build
 from COVIDLesionSegLib.models.encoders import build_torchvision_layout_resnet
-from COVIDLesionSegLib.models.ncovsegnet import (PAPER_PARAMETER_COUNTS, DAFModule, ECABottleneck, ECALayer,
-                                                 GCAModule, NCoVSegNet, parameter_breakdown)
+from COVIDLesionSegLib.models.ncovsegnet import (
+    PAPER_PARAMETER_COUNTS,
+    DAFModule,
+    ECABottleneck,
+    ECALayer,
+    GCAModule,
+    NCoVSegNet,
+    parameter_breakdown,
+)
 
 torch.set_num_threads(2)
 
@@ -152,7 +159,7 @@ def test_train_mode_needs_batch_of_two():
 
 def test_registered_with_tiny_and_paper_args():
     arch = architectures()["ncovsegnet"]
-    assert arch.dims == (2,) and arch.paper == "003_daa2f9e196952995"
+    assert arch.dims == (2,) and arch.paper == "liu_ncovsegnet"
     assert arch.paper_args == {"in_channels": 3, "out_channels": 1, "width": 1.0}
     net = build({"arch": "ncovsegnet", "args": arch.tiny_args}).eval()
     with torch.no_grad():

@@ -6,9 +6,9 @@ import pytest
 import SimpleITK as sitk
 
 from COVIDLesionSegLib.errors import InputError
-from Testing.engine.test_input_robustness import _ramp_series
+from Testing.engine.helpers import _ramp_series
 
-from .test_batch import _batch_module
+from .helpers import _batch_module
 
 
 def test_batch_refuses_missing_dicom_slices_unless_allowed(tmp_path):

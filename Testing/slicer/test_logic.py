@@ -17,18 +17,17 @@ import SimpleITK as sitk
 import vtk
 
 import slicer
-from COVIDLesionSegLib import mrml, outputs, phantom, quantify
+from COVIDLesionSegLib import catalogue, dependencies, mrml, outputs, phantom, quantify
 from COVIDLesionSegLib.errors import InputError
 from COVIDLesionSegLib.pipeline import Pipeline
 from COVIDLesionSegLib.progress import Cancelled
 from COVIDLesionSegLib.segments import SEGMENTS
 from COVIDLesionSegLib.slicer_logic import SegmentationLogic
 from COVIDLesionSegLib.volume import CTVolume
-from Testing.conftest import shared_file
-from Testing.engine.test_catalogue import remote_model, test_archs  # noqa: F401 (fixtures: a URL-only model)
+from Testing.conftest import readme_python_blocks, shared_file
 
 from .conftest import processes_in_group
-from .test_mrml_adapter import oblique_direction, segment_names, tag
+from .helpers import oblique_direction, segment_names, tag
 
 SEGMENT_NAMES = [s.name for s in SEGMENTS]
 
@@ -205,7 +204,7 @@ def _oblique_phantom(scene):
 def test_oblique_anisotropic_volume(scene):
     volume, image, truth = _oblique_phantom(scene.scene)
     logic = SegmentationLogic(scene.scene)
-    run = logic.process(volume, None, waitForCompletion=True)
+    run = logic.process(volume, None, wait_for_completion=True)
     masks = mrml.masks_from_segmentation(run.result.segmentation_node, volume)
 
     # Same voxels as the engine gives for the same image outside MRML.
@@ -232,7 +231,7 @@ def test_oblique_anisotropic_volume(scene):
 def test_rerun_keeps_user_segments(scene):
     volume, _, _ = _oblique_phantom(scene.scene)
     logic = SegmentationLogic(scene.scene)
-    first = logic.process(volume, None, waitForCompletion=True)
+    first = logic.process(volume, None, wait_for_completion=True)
     segmentation_node = first.result.segmentation_node
     segmentation = segmentation_node.GetSegmentation()
     user_id = segmentation.AddEmptySegment("", "Radiologist note", [0.2, 0.8, 0.2])
@@ -244,13 +243,57 @@ def test_rerun_keeps_user_segments(scene):
     table = first.result.table_node
     nodes_before = _node_ids(scene.scene)
 
-    second = logic.process(volume, segmentation_node, waitForCompletion=True, resultsTable=table,
-                           replaceExisting=True)
+    second = logic.process(volume, segmentation_node, wait_for_completion=True, results_table=table,
+                           replace_existing=True)
     assert second.result.segmentation_node is segmentation_node and second.result.table_node is table
     assert _node_ids(scene.scene) == nodes_before      # no duplicate nodes on re-run
     assert sorted(segment_names(segmentation_node)) == sorted(SEGMENT_NAMES + ["Radiologist note"])
     assert segmentation.GetSegment(user_id) is not None
     assert np.array_equal(mrml.masks_from_segmentation(segmentation_node, volume)["Radiologist note"], user_mask)
+
+
+def test_readme_scripting_example_runs_in_slicer(scene, module_file, capsys):
+    """The README's "inside Slicer" example, as printed, with the nodes it names."""
+    blocks = [b for b in readme_python_blocks() if "from COVIDLesionSeg import" in b]
+    assert len(blocks) == 1
+    volume, _, _ = _oblique_phantom(scene.scene)
+    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "README example")
+    namespace = {"volumeNode": volume, "segmentationNode": segmentation}
+    exec(compile(blocks[0], "README.md (Slicer scripting example)", "exec"), namespace)
+    run = namespace["run"]
+    assert run.state == "succeeded" and run.result.segmentation_node is segmentation
+    assert segment_names(segmentation) == SEGMENT_NAMES
+    printed = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == run.result.quantities["both_lungs"]["infected_percent"]
+    assert namespace["logic"].modelsPath == catalogue.cache_dir()
+
+
+def test_the_logic_owns_the_model_folder(scene, module_file, monkeypatch, tmp_path):
+    """The folder chosen in the module (Slicer's settings) is read by the logic itself, so scripts and
+    ``Slicer --python-script batch.py`` (which build the logic, not the widget) use it, and so do workers."""
+    import types
+
+    from COVIDLesionSegLib import slicer_logic
+
+    class Settings(dict):             # what slicer.app.userSettings() answers
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+        def setValue(self, key, value):
+            self[key] = value
+
+    settings = Settings({slicer_logic.MODEL_FOLDER_SETTING: str(tmp_path / "chosen")})
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(userSettings=lambda: settings), raising=False)
+    monkeypatch.setenv(slicer_logic.MODEL_FOLDER_ENV, "")          # restored after the test
+    logic = SegmentationLogic(scene.scene)
+    assert logic.model_folder == tmp_path / "chosen" == catalogue.cache_dir()
+    assert os.environ[slicer_logic.MODEL_FOLDER_ENV] == str(tmp_path / "chosen")   # worker processes inherit it
+    module_logic = module_file.COVIDLesionSegLogic()
+    module_logic.modelsPath = tmp_path / "other"                    # what the widget's folder picker does
+    assert settings[slicer_logic.MODEL_FOLDER_SETTING] == str(tmp_path / "other")
+    assert module_logic.modelsPath == catalogue.cache_dir() == tmp_path / "other"
+    monkeypatch.setenv(slicer_logic.MODEL_FOLDER_ENV, str(tmp_path / "env"))   # a script's own choice wins
+    assert SegmentationLogic(scene.scene).model_folder == tmp_path / "env"
 
 
 def test_lungs_only(scene, module_file):
@@ -282,9 +325,9 @@ def test_bad_input_is_refused_before_anything_runs(scene):
     before = _node_ids(scene.scene)
     logic = SegmentationLogic(scene.scene)
     with pytest.raises(InputError, match="0-255"):
-        logic.process(volume, None, waitForCompletion=False)
+        logic.process(volume, None, wait_for_completion=False)
     with pytest.raises(InputError, match="0-255"):
-        logic.process(volume, None, waitForCompletion=True, useWorker=True)
+        logic.process(volume, None, wait_for_completion=True, use_worker=True)
     assert _node_ids(scene.scene) == before
     with pytest.raises(ValueError, match="device"):
         logic.process(volume, None, device="tpu")
@@ -299,8 +342,8 @@ def test_cancel_from_the_progress_callback_in_process(scene):
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        SegmentationLogic(scene.scene).process(volume, None, waitForCompletion=True,
-                                               progressCallback=stop_at_infection)
+        SegmentationLogic(scene.scene).process(volume, None, wait_for_completion=True,
+                                               progress_callback=stop_at_infection)
     assert _node_ids(scene.scene) == before
 
 
@@ -319,8 +362,8 @@ def test_dependency_needs_follow_the_model(module_file, monkeypatch):
     assert logic.modelNeedsTorch("") is True                 # importing a checkpoint needs torch
     assert logic.modelNeedsTorch("no-such-model") is True
     assert logic.missingDependencies("hu-threshold") == []   # everything is installed here
-    monkeypatch.setattr(module_file, "BASE_REQUIREMENTS", (("scipy", "scipy>=1.10"), ("nopkg_x", "nopkg-x>=1")))
-    monkeypatch.setattr(module_file, "NETWORK_REQUIREMENTS", (("nopkg_y", "nopkg-y>=2"),))
+    monkeypatch.setattr(dependencies, "BASE_REQUIREMENTS", (("scipy", "scipy>=1.10"), ("nopkg_x", "nopkg-x>=1")))
+    monkeypatch.setattr(dependencies, "NETWORK_REQUIREMENTS", (("nopkg_y", "nopkg-y>=2"),))
     assert logic.missingDependencies("hu-threshold") == ["nopkg-x>=1"]
     assert logic.missingDependencies("", includeTorch=True) == ["nopkg-x>=1", "nopkg-y>=2"]
 
@@ -331,8 +374,8 @@ def test_install_never_hands_torch_or_simpleitk_to_pip(module_file, monkeypatch)
     import types
 
     calls = []
-    monkeypatch.setattr(module_file, "BASE_REQUIREMENTS", (("nopkg_x", "nopkg-x>=1"),))
-    monkeypatch.setattr(module_file, "NETWORK_REQUIREMENTS", (("nopkg_monai", "monai>=1.4"),))
+    monkeypatch.setattr(dependencies, "BASE_REQUIREMENTS", (("nopkg_x", "nopkg-x>=1"),))
+    monkeypatch.setattr(dependencies, "NETWORK_REQUIREMENTS", (("nopkg_monai", "monai>=1.4"),))
 
     class FakeTorchLogic:   # stands in for PyTorchUtils.PyTorchUtilsLogic of the PyTorch extension
         @staticmethod

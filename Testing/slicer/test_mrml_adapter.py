@@ -19,16 +19,9 @@ import slicer
 from COVIDLesionSegLib import mrml, quantify
 from COVIDLesionSegLib.segments import SEGMENTS, TERMINOLOGY_FILE
 
+from .helpers import oblique_direction, segment_names, tag
+
 SEGMENT_NAMES = [s.name for s in SEGMENTS]
-
-
-def oblique_direction(flip_x: bool = True) -> tuple[float, ...]:
-    """A direction matrix rotated by 17 deg about z and 9 deg about x, optionally with the x axis flipped."""
-    a, b = math.radians(17), math.radians(9)
-    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    d = rz @ rx @ np.diag([-1.0 if flip_x else 1.0, 1.0, 1.0])
-    return tuple(float(v) for v in d.ravel())
 
 
 def synthetic_image(shape_zyx=(12, 20, 24), spacing=(0.7, 1.3, 3.1), seed=0) -> sitk.Image:
@@ -53,16 +46,6 @@ def box_masks(shape_zyx) -> dict[str, np.ndarray]:
 
 def matrix_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def segment_names(segmentation_node) -> list[str]:
-    seg = segmentation_node.GetSegmentation()
-    return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
-
-
-def tag(segment, name):
-    value = vtk.reference("")
-    return str(value.get()) if segment.GetTag(name, value) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,7 +289,7 @@ def test_table_holds_the_quantification(scene, tmp_path):
     mrml.fill_table(table, quantities)
     rows = mrml.table_as_dicts(table)
     assert [r[mrml.REGION_COLUMN] for r in rows] == [label for label, _, _ in mrml.TABLE_ROWS]
-    for row, (_, side, zone) in zip(rows, mrml.TABLE_ROWS):
+    for row, (_, side, zone) in zip(rows, mrml.TABLE_ROWS, strict=True):
         entry = quantities[quantify.REPORT_KEYS[side]]
         if zone:
             entry = entry["zones"][zone]

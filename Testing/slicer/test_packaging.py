@@ -231,3 +231,47 @@ def test_module_loads_the_project_terminology(module_file):
     loaded = [names.GetValue(i) for i in range(names.GetNumberOfValues())]
     assert loaded.count(TERMINOLOGY_CONTEXT_NAME) == 1
     holder.scene.Clear(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's layout section is the tree
+# ---------------------------------------------------------------------------------------------------------
+
+#: Column where the layout block's descriptions start (names sit left of it, indented two spaces per level).
+_LAYOUT_COLUMN = 33
+
+
+def _readme_layout() -> dict[str, list[str]]:
+    """Folder (relative path, "" for the root) -> the names the README's layout block lists in it."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed: dict[str, list[str]] = {"": []}
+    stack: list[str] = []
+    for line in block.splitlines():
+        name = line[:_LAYOUT_COLUMN].strip()
+        if not name:
+            continue                      # a description's continuation line
+        depth = (len(line) - len(line.lstrip())) // 2
+        stack = stack[:depth]
+        folder = "/".join(stack)
+        listed.setdefault(folder, []).append(name)
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+    return listed
+
+
+def test_readme_layout_matches_the_tree():
+    """Every name in the README's layout block exists, and a folder whose contents it lists is listed whole
+    (a new module must be placed, with what belongs in it, in the README)."""
+    ignored = {"__pycache__", ".venv", ".git", ".pytest_cache", ".ruff_cache", "runs", "demo-output"}
+    for folder, names in _readme_layout().items():
+        base = REPO_ROOT / folder
+        for name in names:
+            assert (base / name.rstrip("/")).exists(), f"README layout names {folder}/{name}, which does not exist"
+            assert (base / name.rstrip("/")).is_dir() == name.endswith("/"), f"{folder}/{name}: folder or file?"
+        if folder == "":
+            continue                      # the root also holds what is not the project's (.gitignore, venvs)
+        present = {p.name + ("/" if p.is_dir() else "") for p in base.iterdir()
+                   if p.name not in ignored and not p.name.endswith((".pyc", ".egg-info"))}
+        assert present == set(names), f"README layout of {folder}/: missing {sorted(present - set(names))}, " \
+                                      f"stale {sorted(set(names) - present)}"

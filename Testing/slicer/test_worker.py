@@ -165,34 +165,38 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     assert processes_in_group(process.pid) == []
 
 
-def test_cuda_out_of_memory_is_retried_on_the_cpu(phantom_input, tmp_path, monkeypatch, capsys):
-    """The worker's retry path, with a pipeline that fails like CUDA does on the first (GPU) attempt."""
+def test_cuda_out_of_memory_is_retried_on_the_cpu(phantom_input, tmp_path, monkeypatch, capsys, test_archs):
+    """The one fallback (network_predictor.py): a network whose GPU runs out of memory moves to the CPU and
+    runs the case again there; the worker reports it (log line, outcome, report)."""
+    from COVIDLesionSegLib.network_predictor import NetworkModel
+    from Testing.engine.helpers import _checkpoint, _linear, pretend_full_gpu
+
     path, _ = phantom_input
-    devices = []
+    checkpoint = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="oom-net")
+    devices: list[str] = []
+    attempts: list[list[str]] = []
     real_make = worker._make_pipeline
-
-    class OutOfMemoryError(RuntimeError):  # the name torch.cuda.OutOfMemoryError has
-        pass
-
-    class FailingOnGpu:
-        def run(self, volume, on_progress=None, timings=None):
-            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def make(args, device):
         devices.append(device)
-        return FailingOnGpu() if device == "cuda" else real_make(args, device)
+        pipeline = real_make(args, "cpu")            # this machine may have no GPU: build on the CPU ...
+        pipeline.infection_model = NetworkModel(checkpoint, device="cpu")
+        attempts.append(pretend_full_gpu(pipeline.infection_model, monkeypatch))   # ... and fake a full GPU
+        return pipeline
 
     monkeypatch.setattr(worker, "_make_pipeline", make)
     args = worker.build_parser().parse_args(["--input", str(path), "--output-dir", str(tmp_path / "out"),
                                              "--device", "cuda"])
-    outcome = worker.run_worker(args, worker._Emitter())
-    assert devices == ["cuda", "cpu"]
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        outcome = worker.run_worker(args, worker._Emitter())
+    assert devices == ["cuda"] and attempts == [["cuda", "cpu"]]
     assert outcome["status"] == "ok" and outcome["retried_on_cpu"] is True
     assert "CPU" in outcome["message"]
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert any("retrying on the CPU" in line.get("log", "") for line in lines)
     report = json.loads((tmp_path / "out" / worker.REPORT_FILE).read_text())
     assert report["retried_on_cpu"] is True
+    assert report["models"]["infection"]["device"] == "cpu"
 
 
 def test_gpu_out_of_memory_on_the_cpu_too_is_reported(phantom_input, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from Testing.conftest import REPO_ROOT, shared_file
-from Testing.training.test_trainer import config_3d, tiny_config, write_covid19ctseg_layout
+from Testing.training.helpers import config_3d, tiny_config, write_covid19ctseg_layout
 from training.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from training.config import CONFIG_DIR, ConfigError, load_config
 from training.runs import RunDir, load_training_state, read_json
@@ -198,10 +198,10 @@ def test_export_2d_run_loads_in_engine_and_segments_real_ct(tmp_path):
 
 
 def test_export_3d_run_carries_fitted_preprocessing(tmp_path):
-    from COVIDLesionSegLib.network_predictor import NetworkModel
-    from COVIDLesionSegLib.volume import CTVolume
     import SimpleITK as sitk
 
+    from COVIDLesionSegLib.network_predictor import NetworkModel
+    from COVIDLesionSegLib.volume import CTVolume
     from training.export import export_run
     from training.trainer import Trainer
 

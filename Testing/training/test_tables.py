@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from Testing.training.test_trainer import tiny_config
+from Testing.training.helpers import tiny_config
 from training.cli import EXIT_OK, EXIT_USAGE, main
 from training.runs import RunDir, RunError, find_runs, read_json, write_json
 from training.tables import TABLE_METRICS, build_table, run_result
@@ -110,7 +110,7 @@ def _fake_runs(root, name: str, dsc_of, folds: int = 3, cases: int = 8) -> list[
 
 
 def test_reviewer_table_gives_spread_intervals_paired_tests_and_the_papers_numbers(tmp_path):
-    from training.tables import cluster_bootstrap, paired_comparison, reviewer_table, case_values
+    from training.tables import case_values, cluster_bootstrap, paired_comparison, reviewer_table
 
     rng = np.random.default_rng(0)
     base = {(k, c): 0.5 + 0.2 * rng.random() for k in range(3) for c in range(8)}

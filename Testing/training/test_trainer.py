@@ -9,22 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from Testing.conftest import shared_file
+from Testing.training.helpers import CTSEG2D, config_3d, ctseg2d_root, tiny_config, write_covid19ctseg_layout
 from training.config import ConfigError, config_from_dict
 from training.procedures import Procedure, StepOutput, get_procedure, procedures, register_procedure
 from training.runs import RunDir, RunError, load_training_state, read_json
 from training.trainer import Trainer, TrainingInterrupted
 
 torch.set_num_threads(2)
-
-CTSEG2D = "covid19ctseg2d"
-
-
-def ctseg2d_root() -> str:
-    return str(shared_file(f"{CTSEG2D}/covid19ctseg2d.npz").parent)
 
 
 def largest_infection_ids(groups=(0, 1, 2, 3), per_group: int = 1) -> list[str]:
@@ -37,33 +31,6 @@ def largest_infection_ids(groups=(0, 1, 2, 3), per_group: int = 1) -> list[str]:
         order = rows[np.argsort(-inf[rows].sum(axis=(1, 2)), kind="stable")]
         ids += [f"ctseg2d_{i:04d}" for i in sorted(order[:per_group])]
     return ids
-
-
-def tiny_config(**over) -> dict:
-    """A small 2D config on the shared slices (tests); ``over`` is merged (dotted keys allowed)."""
-    cfg = {
-        "name": "tiny",
-        "seed": 3,
-        "model": {"arch": "nnunet", "args": {"spatial_dims": 2, "channels": [4, 8, 16], "strides": [1, 2, 2],
-                                             "kernel_sizes": [3, 3, 3], "deep_supervision": True}},
-        "data": {"reader": "covid19ctseg2d", "root": ctseg2d_root(), "target": "infection",
-                 "transforms": "slice_2d", "transform_args": {"size": 64, "intensity": "uint8_01"},
-                 "max_cases_per_group": 2},
-        "protocol": {"name": "ctseg2d", "n_folds": 2, "fold": 0},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0},
-        "schedule": {"name": "poly"},
-        "train": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False},
-        "eval": {"unit": "group", "batch_size": 16, "metrics": ["dsc", "nsd", "sensitivity", "specificity",
-                                                               "precision", "f1", "accuracy", "voe", "rvd"]},
-        "export": {"input": {"intensity": {"name": "ctseg2d_domain"}}},
-    }
-    for key, value in over.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = copy.deepcopy(value)
-    return config_from_dict(cfg)
 
 
 def weights(trainer_or_state) -> dict[str, torch.Tensor]:
@@ -224,48 +191,6 @@ def test_resume_refuses_a_changed_config(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # 3D: volumes in the COVID-19-CT-Seg layout, nnU-Net pipeline, sliding-window evaluation
 # ----------------------------------------------------------------------------------------------------------
-
-def write_covid19ctseg_layout(root: Path, n: int = 2, shape=(20, 40, 44), spacing=(0.8, 0.8, 2.0)) -> list[str]:
-    """Small HU volumes with a 'lung' and a spherical 'infection', written as COVID-19-CT-Seg's Zenodo folders."""
-    rng = np.random.default_rng(0)
-    (root / "COVID-19-CT-Seg_20cases").mkdir(parents=True)
-    (root / "Infection_Mask").mkdir()
-    (root / "Lung_Mask").mkdir()
-    ids = []
-    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
-    for k in range(1, n + 1):
-        img = np.full(shape, 40.0, np.float32) + rng.normal(0, 10, shape).astype(np.float32)
-        lung = ((y - 20) ** 2 / 15 ** 2 + (x - 22) ** 2 / 17 ** 2 < 1) & (z > 1) & (z < shape[0] - 2)
-        img[lung] = -850
-        c = (10, 18 + k, 20 + 2 * k)
-        inf = ((z - c[0]) ** 2 * 4 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 36) & lung
-        img[inf] = -250
-        for folder, arr, name in (("COVID-19-CT-Seg_20cases", img, f"coronacases_org_{k:03d}.nii.gz"),
-                                  ("Infection_Mask", inf.astype(np.uint8), f"coronacases_{k:03d}.nii.gz"),
-                                  ("Lung_Mask", lung.astype(np.uint8), f"coronacases_{k:03d}.nii.gz")):
-            im = sitk.GetImageFromArray(arr)
-            im.SetSpacing(spacing)
-            im.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS-like storage: the reader reorients to LPS
-            sitk.WriteImage(im, str(root / folder / name))
-        ids.append(f"coronacases_{k:03d}")
-    return ids
-
-
-def config_3d(root: Path, ids: list[str], **over) -> dict:
-    cfg = {
-        "name": "tiny3d", "seed": 1,
-        "model": {"arch": "nnunet", "args": {"spatial_dims": 3, "channels": [4, 8, 16], "strides": [1, 2, 2],
-                                             "kernel_sizes": [3, 3, 3]}},
-        "data": {"reader": "covid19ctseg", "root": str(root), "target": "infection", "transforms": "nnunet_3d",
-                 "transform_args": {"target_spacing": "auto", "intensity": "fit", "patch_size": [8, 16, 16],
-                                    "num_samples": 2}},
-        "protocol": {"name": "fixed", "train": ids[:1], "test": ids[1:]},
-        "train": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False},
-        "eval": {"metrics": ["dsc", "nsd", "sensitivity", "voe"], "batch_size": 4},
-    }
-    cfg.update(over)
-    return config_from_dict(cfg)
-
 
 def test_3d_nnunet_pipeline_trains_and_evaluates_on_native_grid(tmp_path):
     ids = write_covid19ctseg_layout(tmp_path / "data")
@@ -460,7 +385,7 @@ def test_004_empty_rule_is_an_option(tmp_path):
     ref_pos = [np.asarray(it["infection"]).any() for it in
                (trainer.dataset("data", "test", train_transforms=False)[i] for i in range(len(out[None])))]
     assert any(ref_pos) and not all(ref_pos)
-    for plain, both, literal, pos in zip(out[None], out["both_empty"], out["no_positive_prediction"], ref_pos):
+    for plain, both, literal, pos in zip(out[None], out["both_empty"], out["no_positive_prediction"], ref_pos, strict=True):
         assert literal["dsc"] == literal["sensitivity"] == literal["precision"] == 1.0 and literal["voe"] == 0.0
         if pos:
             assert both["dsc"] == plain["dsc"] == 0.0 and both["sensitivity"] == plain["sensitivity"] == 0.0

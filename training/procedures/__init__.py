@@ -13,7 +13,7 @@ Writing a procedure::
     @register_procedure
     class MyProcedure(Procedure):
         name = "my_procedure"                  # config: procedure: {name: my_procedure, ...options}
-        paper = "002_4bbc0ce13538df96"
+        paper = "zhang_collaborative"
         summary = "one line for `python -m training procedures`"
         options = {"lambda_g": 1.0}            # defaults of this procedure's config options
 
@@ -59,13 +59,14 @@ import difflib
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from training.trainer import Trainer
+from COVIDLesionSegLib.errors import CovidLesionSegError
+from training.paths import ConfigError, expand_path
 
 _PROCEDURES: dict[str, type["Procedure"]] = {}
 
@@ -100,8 +101,10 @@ class StepInfo:
         return (self.epoch + self.iteration / max(self.iterations_per_epoch, 1)) / max(self.max_epochs, 1)
 
 
-class ProcedureError(ValueError):
+class ProcedureError(CovidLesionSegError, ValueError):
     """A procedure cannot run with the given config (missing data set, incompatible model, ...)."""
+
+    kind = "config"
 
 
 def register_procedure(cls: type["Procedure"]) -> type["Procedure"]:
@@ -133,15 +136,13 @@ def get_procedure(name: str) -> type["Procedure"]:
 def validate_procedure_options(section: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
     """The config's ``procedure`` section with the procedure's defaults filled in; unknown options are an
     error naming the closest known one."""
-    from training.config import ConfigError
-
     name = section.get("name", "supervised")
     try:
         cls = get_procedure(name)
     except ProcedureError as exc:
         raise ConfigError(f"{source}: procedure.name: {exc}") from None
     out = {"name": name}
-    for key, value in section.items():
+    for key in section:
         if key == "name":
             continue
         if key not in cls.options:
@@ -171,7 +172,9 @@ class Procedure:
     #: When True, ``training_step`` calls ``self.trainer.backward_step(loss)`` (or its own steps) itself.
     manual_optimization: ClassVar[bool] = False
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Any):
+        # ``trainer`` is the training.trainer.Trainer driving this procedure; not imported for the annotation,
+        # since the trainer imports this module (the dependency runs trainer -> procedures -> paths only).
         self.trainer = trainer
         self.config: dict[str, Any] = trainer.config
         self.opts: dict[str, Any] = {k: v for k, v in self.config["procedure"].items() if k != "name"}
@@ -184,7 +187,7 @@ class Procedure:
     # -- options -------------------------------------------------------------------------------------------
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        """Raise ``training.config.ConfigError`` for invalid option values (override in subclasses)."""
+        """Raise :class:`training.paths.ConfigError` for invalid option values (override in subclasses)."""
 
     # -- model and optimisation ----------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -320,13 +323,9 @@ class _Constant:
         return 1.0
 
 
-def open_weights_file(path: str) -> tuple["Path", Any]:
+def open_weights_file(path: str) -> tuple[Path, Any]:
     """Resolve a ``model.init`` source (a weights file, or a run folder: its ``best.pt``) and read its header
     lazily (memory-mapped). Raises :class:`ProcedureError` for a missing or unreadable file."""
-    from pathlib import Path
-
-    from training.config import expand_path
-
     p = Path(expand_path(path))
     if p.is_dir():
         p = p / "best.pt"

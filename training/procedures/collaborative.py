@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.paths import ConfigError
+
 from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, register_procedure
 
 
@@ -64,15 +66,13 @@ class CollaborativeProcedure(Procedure):
     ``lambda_g``, ``lambda_t``, ``rampup_epochs``, ``reduction`` (sum | channel | mean), ``init_target``."""
 
     name = "collaborative"
-    paper = "002_4bbc0ce13538df96"
+    paper = "zhang_collaborative"
     summary = "relation-driven collaborative learning: G (pre-trained, relation loss only) + T + shared decoder"
     options = {"noncovid": None, "lambda_g": 1.0, "lambda_t": 0.1, "rampup_epochs": 40.0, "reduction": "sum",
                "init_target": False}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         for key in ("lambda_g", "lambda_t", "rampup_epochs"):
             v = options[key]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
@@ -133,8 +133,7 @@ class CollaborativeProcedure(Procedure):
         return out
 
     def training_step(self, model: nn.Module, batches: dict[str, dict[str, Any]], step: StepInfo) -> StepOutput:
-        from COVIDLesionSegLib.models.relation import (general_relation_loss, relation_matrix,
-                                                       target_relation_loss)
+        from COVIDLesionSegLib.models.relation import general_relation_loss, relation_matrix, target_relation_loss
 
         xc, yc = batches["main"]["image"], batches["main"][self.target]
         xn = torch.cat([batches[n]["image"] for n in self.noncovid], dim=0)

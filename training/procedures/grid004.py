@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from training.paths import ConfigError, expand_path
+
 from . import Procedure, ProcedureError, register_procedure
 
 if __name__ == "__main__":  # pragma: no cover - ``python -m``: run the registered module's CLI, define nothing twice
@@ -58,15 +60,13 @@ class Grid004Procedure(Procedure):
     ``test_data``, ``lung_target``, ``lesion_target``, ``grid``."""
 
     name = "grid004"
-    paper = "004_ba2a4da41d25bd52"
+    paper = "bizopoulos_grid"
     summary = "004 grid model: lung / lesion A / lesion B, random or ImageNet encoder, Soft Dice, test on another set"
     options = {"experiment": "lesion_a", "init": "random", "imagenet_weights": None, "test_data": None,
                "lung_target": "lung", "lesion_target": None, "grid": None}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         if options["experiment"] not in EXPERIMENTS:
             raise ConfigError(f"{source}: procedure.experiment must be one of {', '.join(EXPERIMENTS)}, got "
                               f"{options['experiment']!r}")
@@ -89,8 +89,6 @@ class Grid004Procedure(Procedure):
 
     def build_model(self) -> nn.Module:
         from COVIDLesionSegLib.models import build
-        from training.config import expand_path
-
         arch = self.config["model"]["arch"]
         if arch not in DECODER_ARCHS.values():
             raise ProcedureError(f"procedure 'grid004' trains the grid architectures ({', '.join(DECODER_ARCHS.values())}), "

@@ -42,6 +42,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from training.paths import ConfigError
+
 from . import Procedure, ProcedureError, StepInfo, StepOutput, register_procedure
 
 
@@ -91,14 +93,12 @@ class MultiLesionProcedure(Procedure):
     """
 
     name = "multilesion"
-    paper = "000_3744cab93325e79b"
+    paper = "wang_hybrid_encoder"
     summary = "multi-lesion multi-task pre-training: shared nnU-Net, one output channel (head) per lesion data set"
     options = {"tasks": None, "task_weights": None, "schedule_epochs": None, "export_task": 0}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         tasks = options["tasks"]
         if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
             raise ConfigError(f"{source}: procedure.tasks must be a non-empty list of batch keys (main, aux names)")
@@ -174,7 +174,7 @@ class MultiLesionProcedure(Procedure):
         total = outs[0].new_zeros(())
         logs: dict[str, Any] = {}
         start = 0
-        for k, (task, n) in enumerate(zip(tasks, sizes)):
+        for k, (task, n) in enumerate(zip(tasks, sizes, strict=True)):
             part = [o[start:start + n, k:k + 1] for o in outs]
             start += n
             loss_k = self.loss_fn(part if isinstance(out, (list, tuple)) else part[0], batches[task][self.task_target(task)])

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.paths import ConfigError, expand_path
+
 from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, register_procedure
 
 
@@ -42,15 +44,13 @@ class NCoVSegNetProcedure(Procedure):
     ``multiple`` (side lengths are rounded to multiples of this, 32 for the network)."""
 
     name = "ncovsegnet"
-    paper = "003_daa2f9e196952995"
+    paper = "liu_ncovsegnet"
     summary = "nCoVSegNet transfer stage: multi-scale {0.75,1,1.25} StructureLoss over 4 outputs (ImageNet -> LIDC -> COVID)"
     options = {"rates": [0.75, 1.0, 1.25], "imagenet_weights": None, "multiple": 32}
     manual_optimization = True
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         rates = options["rates"]
         if not isinstance(rates, list) or not rates or any(not isinstance(r, (int, float)) or r <= 0 for r in rates):
             raise ConfigError(f"{source}: procedure.rates must be a non-empty list of positive numbers, got {rates!r}")
@@ -67,8 +67,6 @@ class NCoVSegNetProcedure(Procedure):
         init = self.config["model"].get("init")
         imagenet = self.opts["imagenet_weights"]
         if imagenet and not init:
-            from training.config import expand_path
-
             args["imagenet_weights"] = expand_path(imagenet)
         try:
             model = build({"arch": arch, "args": args})

@@ -24,6 +24,6 @@ class SupervisedProcedure(Procedure):
     """Supervised training of ``model`` on ``data`` (the hooks' defaults, see :class:`Procedure`)."""
 
     name = "supervised"
-    paper = "000_3744cab93325e79b, 002_4bbc0ce13538df96, 004_ba2a4da41d25bd52"
+    paper = "wang_hybrid_encoder, zhang_collaborative, bizopoulos_grid"
     summary = "supervised training of any registered network from scratch or from model.init weights"
     options: dict = {}

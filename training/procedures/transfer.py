@@ -56,9 +56,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from training.paths import ConfigError
+
 from . import Procedure, ProcedureError, StepInfo, StepOutput, load_weights, open_weights_file, register_procedure
 from .multilesion import poly_scheduler
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading pre-trained weights
@@ -153,8 +154,6 @@ class _TransferProcedure(Procedure):
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         ht = options.get("head_task")
         if ht is not None and (not isinstance(ht, int) or ht < 0):
             raise ConfigError(f"{source}: procedure.head_task must be a task index (>= 0) or null")
@@ -192,7 +191,7 @@ class BodyFinetuneProcedure(_TransferProcedure):
     """Body Fine-tuning (000 section 3.4.1): every pre-trained weight as the start, all trained, new schedule."""
 
     name = "body_finetune"
-    paper = "000_3744cab93325e79b"
+    paper = "wang_hybrid_encoder"
     summary = "Body Fine-tuning: all weights from model.init, all trained, fresh poly schedule"
 
     def build_model(self) -> nn.Module:
@@ -211,14 +210,12 @@ class ContinualLearningProcedure(BodyFinetuneProcedure):
     """
 
     name = "continual"
-    paper = "000_3744cab93325e79b"
+    paper = "wang_hybrid_encoder"
     summary = "Continual Learning: all weights from model.init, poly lr continues where pre-training stopped"
     options = {"head_task": None, "pretrain_epochs": None, "horizon_epochs": None}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], source: str) -> None:
-        from training.config import ConfigError
-
         super().check_options(options, source)
         for key in ("pretrain_epochs", "horizon_epochs"):
             v = options.get(key)
@@ -267,7 +264,7 @@ class LesionRepresentationsProcedure(_TransferProcedure):
     ``init_decoder: false`` re-initialises the decoder instead."""
 
     name = "lesion_representations"
-    paper = "000_3744cab93325e79b"
+    paper = "wang_hybrid_encoder"
     summary = "Pre-trained Lesion Representations: encoder from model.init frozen, decoder fine-tuned"
     options = {"head_task": None, "init_decoder": True}
 
@@ -291,7 +288,7 @@ class HybridEncoderProcedure(_TransferProcedure):
     unit and the decoder train from scratch on COVID-19."""
 
     name = "hybrid_encoder"
-    paper = "000_3744cab93325e79b"
+    paper = "wang_hybrid_encoder"
     summary = "Hybrid-encoder: Dedicated-encoder from scratch + frozen pre-trained Adapted-encoder, Selective Fusion"
     archs = ("hybrid_encoder_unet",)
     options: dict = {}
@@ -318,7 +315,7 @@ class MultiEncoderProcedure(_TransferProcedure):
     starts it from scratch) and trains; the decoder (whose input is twice as wide) trains from scratch."""
 
     name = "multi_encoder"
-    paper = "001_fca53efeace80cf6"
+    paper = "wang_multi_encoder"
     summary = "Multi-encoder: Self-encoder (init from model.init) + frozen pre-trained Adapted-encoder, concatenated"
     archs = ("multi_encoder_unet",)
     options = {"init_self": True}

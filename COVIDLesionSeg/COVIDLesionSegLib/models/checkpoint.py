@@ -60,6 +60,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import CheckpointError
 from ..outputs import atomic_write
 from ..postprocess import InfectionPostprocess
 
@@ -71,10 +72,6 @@ ACTIVATIONS = ("sigmoid", "softmax")
 _METADATA_FIELDS = ("format", "format_version", "model", "input", "labels", "output", "task", "model_id",
                     "version", "description", "provenance", "storage")
 _REQUIRED_FIELDS = _METADATA_FIELDS + ("state_dict", "state_dict_sha256", "metadata_sha256")
-
-
-class CheckpointError(Exception):
-    """A checkpoint file cannot be used; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,12 +33,22 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
+from monai.networks.blocks import Convolution
 from torch import nn
 
-from monai.networks.blocks import Convolution
-
-from .nnunet import (ACT, NORM, PAPER_3D_CHANNELS, PAPER_3D_KERNELS, PAPER_3D_STRIDES, NnUNetDecoder,
-                     NnUNetEncoder, check_input, load_encoder, network_plan, size_divisor)
+from .nnunet import (
+    ACT,
+    NORM,
+    PAPER_3D_CHANNELS,
+    PAPER_3D_KERNELS,
+    PAPER_3D_STRIDES,
+    NnUNetDecoder,
+    NnUNetEncoder,
+    check_input,
+    load_encoder,
+    network_plan,
+    size_divisor,
+)
 from .registry import register
 
 _TINY = {"spatial_dims": 3, "channels": [4, 8, 16], "strides": [1, 2, 2], "kernel_sizes": [3, 3, 3]}
@@ -167,7 +177,7 @@ class _TwoEncoderUNet(nn.Module):
         return encoder(x)
 
 
-@register("hybrid_encoder_unet", dims=(2, 3), paper="000_3744cab93325e79b",
+@register("hybrid_encoder_unet", dims=(2, 3), paper="wang_hybrid_encoder",
           summary="Hybrid-encoder U-Net: Dedicated-encoder + frozen pre-trained Adapted-encoder merged by a "
                   "Selective Fusion unit (eqs. 2-6, r = 16), shared nnU-Net decoder",
           tiny_args=dict(_TINY), paper_args=dict(_PAPER, reduction=16, fusion_levels="bottleneck"))
@@ -226,7 +236,7 @@ class HybridEncoderUNet(_TwoEncoderUNet):
         f_de = self.dedicated_encoder(x)
         f_ad = self._run(self.adapted_encoder, x, self.freeze_adapted)
         merged = [self.fusion[str(i)](d, a) if str(i) in self.fusion else d
-                  for i, (d, a) in enumerate(zip(f_de, f_ad))]
+                  for i, (d, a) in enumerate(zip(f_de, f_ad, strict=True))]
         return merged, f_de, f_ad
 
     def forward(self, x: torch.Tensor):
@@ -235,7 +245,7 @@ class HybridEncoderUNet(_TwoEncoderUNet):
         return self.decoder(merged[-1], merged[:-1])
 
 
-@register("multi_encoder_unet", dims=(2, 3), paper="001_fca53efeace80cf6",
+@register("multi_encoder_unet", dims=(2, 3), paper="wang_multi_encoder",
           summary="Multi-encoder U-Net: Self-encoder + frozen pre-trained Adapted-encoder, features "
                   "concatenated (no fusion unit), shared nnU-Net decoder",
           tiny_args=dict(_TINY), paper_args=dict(_PAPER, concat_levels="bottleneck"))
@@ -285,11 +295,11 @@ class MultiEncoderUNet(_TwoEncoderUNet):
         f_self = self.self_encoder(x)
         f_ad = self._run(self.adapted_encoder, x, self.freeze_adapted)
         merged = [torch.cat((s, a), dim=1) if i in self.concat_levels else s
-                  for i, (s, a) in enumerate(zip(f_self, f_ad))]
+                  for i, (s, a) in enumerate(zip(f_self, f_ad, strict=True))]
         return self.decoder(merged[-1], merged[:-1])
 
 
-@register("collaborative_unet", dims=(2, 3), paper="002_4bbc0ce13538df96",
+@register("collaborative_unet", dims=(2, 3), paper="zhang_collaborative",
           summary="Relation-driven collaborative U-Net: general encoder G + target encoder T concatenated at "
                   "the bottleneck into a shared decoder, skips from T; features exposed for the relation losses",
           tiny_args=dict(_TINY), paper_args=dict(_PAPER))

@@ -5,7 +5,7 @@ them), finest first, and exposes their channel counts as ``out_channels``. The i
 not part of the list: none of the grid's decoders uses a full-resolution skip (the Unet's last block has
 no skip, as in segmentation-models-pytorch, which paper 004 used).
 
-Encoders available here (004_ba2a4da41d25bd52, section 2.3), built without torchvision:
+Encoders available here (``bizopoulos_grid`` in docs/CITATIONS.md, section 2.3), built without torchvision:
 
 - ``resnet18/34/50/101/152``: MONAI :class:`monai.networks.nets.ResNet` configured to the torchvision
   layout (7x7 stride-2 stem, max-pool, projection shortcuts "B" without bias, stride on the 3x3 conv of the

@@ -1,4 +1,4 @@
-"""The comparison grid of Bizopoulos et al. (seed 004_ba2a4da41d25bd52): Unet, Linknet, FPN and PSPNet
+"""The comparison grid of Bizopoulos et al. (``bizopoulos_grid``, docs/CITATIONS.md): Unet, Linknet, FPN and PSPNet
 decoders over interchangeable encoders, 2D, 1-channel CT slice in, 1-channel sigmoid logits out.
 
 Registered ids ``grid_unet``, ``grid_linknet``, ``grid_fpn``, ``grid_pspnet``, each with an ``encoder``
@@ -73,7 +73,7 @@ def paper_table2_params_m() -> dict[str, dict[str, float]]:
     for decoder, printed in PAPER_TABLE2_PRINTED_M.items():
         rows = {k: v for k, v in printed.items() if k not in _SHIFTED and k != "(next row)"}
         values = [printed[k] for k in _SHIFTED[1:]] + ([printed["(next row)"]] if "(next row)" in printed else [])
-        rows.update(dict(zip(_SHIFTED, values)))
+        rows.update(dict(zip(_SHIFTED, values, strict=False)))
         out[decoder] = rows
     return out
 
@@ -143,7 +143,7 @@ class LinknetDecoder(nn.Module):
         super().__init__()
         targets = list(encoder_channels[:-1][::-1]) + [prefinal_channels]
         inputs = [encoder_channels[-1]] + targets[:-1]
-        self.blocks = nn.ModuleList(LinknetBlock(i, o) for i, o in zip(inputs, targets))
+        self.blocks = nn.ModuleList(LinknetBlock(i, o) for i, o in zip(inputs, targets, strict=True))
         self.head = SegmentationHead(2, prefinal_channels, out_channels, kernel_size=1)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -178,7 +178,7 @@ class FPNDecoder(nn.Module):
         def seg_block(n_up: int) -> nn.Sequential:
             layers: list[nn.Module] = []
             c = pyramid_channels
-            for i in range(max(n_up, 1)):
+            for _ in range(max(n_up, 1)):
                 layers += [nn.Conv2d(c, segmentation_channels, 3, padding=1, bias=False),
                            nn.GroupNorm(32 if segmentation_channels % 32 == 0 else 1, segmentation_channels),
                            nn.ReLU(inplace=True)]
@@ -195,9 +195,9 @@ class FPNDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         maps = features[1:][::-1]                     # strides 32, 16, 8, 4
         pyramid = [self.laterals[0](maps[0])]
-        for lateral, m in zip(self.laterals[1:], maps[1:]):
+        for lateral, m in zip(self.laterals[1:], maps[1:], strict=True):
             pyramid.append(F.interpolate(pyramid[-1], scale_factor=2, mode="nearest") + lateral(m))
-        levels = [block(p) for block, p in zip(self.seg_blocks, pyramid)]
+        levels = [block(p) for block, p in zip(self.seg_blocks, pyramid, strict=True)]
         x = sum(levels) if self.merge == "add" else torch.cat(levels, dim=1)
         return self.head(self.dropout(x))
 
@@ -230,7 +230,7 @@ class PSPDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         x = features[-1]
         pooled = [F.interpolate(branch(F.adaptive_avg_pool2d(x, b)), size=x.shape[2:], mode="bilinear",
-                                align_corners=False) for b, branch in zip(self.bins, self.branches)]
+                                align_corners=False) for b, branch in zip(self.bins, self.branches, strict=True)]
         return self.head(self.dropout(self.bottleneck(torch.cat([x, *pooled], dim=1))))
 
 
@@ -300,7 +300,7 @@ def build_grid_model(decoder: str, encoder: str = "resnet34", in_channels: int =
 _ENC_DOC = f"encoders: {', '.join(ENCODER_NAMES)}"
 
 
-@register("grid_unet", dims=(2,), paper="004_ba2a4da41d25bd52",
+@register("grid_unet", dims=(2,), paper="bizopoulos_grid",
           summary="Unet (decoder 256-128-64-32-16, BN) over a grid encoder; " + _ENC_DOC,
           tiny_args={"encoder": "resnet18"}, paper_args={"encoder": "resnet34"})
 def build_grid_unet(encoder: str = "resnet34", in_channels: int = 1, out_channels: int = 1,
@@ -310,7 +310,7 @@ def build_grid_unet(encoder: str = "resnet34", in_channels: int = 1, out_channel
                             decoder_channels=tuple(decoder_channels), center=center)
 
 
-@register("grid_linknet", dims=(2,), paper="004_ba2a4da41d25bd52",
+@register("grid_linknet", dims=(2,), paper="bizopoulos_grid",
           summary="Linknet (LinkNet decoder blocks added to the skips, BN) over a grid encoder; " + _ENC_DOC,
           tiny_args={"encoder": "resnet18"}, paper_args={"encoder": "resnet34"})
 def build_grid_linknet(encoder: str = "resnet34", in_channels: int = 1, out_channels: int = 1,
@@ -318,7 +318,7 @@ def build_grid_linknet(encoder: str = "resnet34", in_channels: int = 1, out_chan
     return build_grid_model("linknet", encoder, in_channels, out_channels, imagenet_weights)
 
 
-@register("grid_fpn", dims=(2,), paper="004_ba2a4da41d25bd52",
+@register("grid_fpn", dims=(2,), paper="bizopoulos_grid",
           summary="FPN (pyramid 256, segmentation 128, merge add, dropout 0.2) over a grid encoder; " + _ENC_DOC,
           tiny_args={"encoder": "resnet18"}, paper_args={"encoder": "resnet34"})
 def build_grid_fpn(encoder: str = "resnet34", in_channels: int = 1, out_channels: int = 1,
@@ -329,7 +329,7 @@ def build_grid_fpn(encoder: str = "resnet34", in_channels: int = 1, out_channels
                             merge=merge, dropout=dropout)
 
 
-@register("grid_pspnet", dims=(2,), paper="004_ba2a4da41d25bd52",
+@register("grid_pspnet", dims=(2,), paper="bizopoulos_grid",
           summary="PSPNet (depth-3 encoder, pooling 1/2/3/6, 512 channels, dropout 0.2) over a grid encoder; "
                   + _ENC_DOC,
           tiny_args={"encoder": "resnet18"}, paper_args={"encoder": "resnet34"})

@@ -1,7 +1,8 @@
-"""nCoVSegNet (Liu et al., MedIA 2021; seed 003_daa2f9e196952995): ResNet-50 + ECA backbone, GCA and DAF
-modules, four deeply supervised outputs.
+"""nCoVSegNet (Liu et al., MedIA 2021; ``liu_ncovsegnet``, docs/CITATIONS.md): ResNet-50 + ECA backbone, GCA
+and DAF modules, four deeply supervised outputs.
 
-Layer shapes follow the authors' public code as measured in ``shared/design/MODELS.md``: at ``width=1`` the
+Layer shapes follow the authors' public code (https://github.com/Jiannan-Liu/nCoVSegNet, named in the paper's
+section 4.2), whose modules were counted to fix them: at ``width=1`` the
 network has exactly 168,169,968 parameters (backbone 23,508,080; gca1 1,691,392; gca2 6,757,888;
 gca3 27,016,192; gca4 72,374,272; daf3 28,052,480; daf2 7,013,888; daf1 1,753,856; heads 1,920). The
 authors' module additionally carries 34,407,323 parameters of DAF layers its forward never uses; they are
@@ -35,7 +36,7 @@ from .registry import register
 __all__ = ["ECALayer", "ECABottleneck", "GCAModule", "DAFModule", "NCoVSegNet", "parameter_breakdown",
            "PAPER_PARAMETER_COUNTS"]
 
-# measured on the authors' public code (shared/design/MODELS.md), used modules only
+# counted on the authors' public code (see the module docstring), used modules only
 PAPER_PARAMETER_COUNTS = {
     "backbone": 23_508_080, "gca1": 1_691_392, "gca2": 6_757_888, "gca3": 27_016_192, "gca4": 72_374_272,
     "daf3": 28_052_480, "daf2": 7_013_888, "daf1": 1_753_856, "heads": 1_920, "total": 168_169_968,
@@ -195,7 +196,7 @@ def parameter_breakdown(model: NCoVSegNet) -> dict[str, int]:
 
 
 @register(
-    "ncovsegnet", dims=(2,), paper="003_daa2f9e196952995",
+    "ncovsegnet", dims=(2,), paper="liu_ncovsegnet",
     summary="nCoVSegNet: ResNet-50+ECA backbone, GCA (eq. 1) and DAF (eqs. 2-4) modules, 4 deeply supervised "
             "sigmoid outputs; 2D slices with sides a multiple of 32 (paper: 352x352, 3 channels).",
     tiny_args={"in_channels": 1, "out_channels": 1, "width": 0.125},

@@ -1,8 +1,8 @@
 """nnU-Net-style U-Net (2D and 3D), the backbone of papers 000, 001 and 002.
 
-Papers: 000_3744cab93325e79b (Wang et al., section 3.1: "batch normalization and ReLU are replaced by
-instance normalization and leaky ReLU ... deep supervision"), 001_fca53efeace80cf6 (same backbone) and
-002_4bbc0ce13538df96 (Zhang et al., Table I gives the exact 3D layer table).
+Papers (docs/CITATIONS.md): ``wang_hybrid_encoder`` (Wang et al., section 3.1: "batch normalization and ReLU
+are replaced by instance normalization and leaky ReLU ... deep supervision"), ``wang_multi_encoder`` (same
+backbone) and ``zhang_collaborative`` (Zhang et al., Table I gives the exact 3D layer table).
 
 Building blocks (MONAI's nnU-Net blocks, ``monai.networks.blocks.dynunet_block``):
 
@@ -57,9 +57,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, get_conv_layer
+from torch import nn
 
 from .registry import register
 
@@ -120,8 +119,8 @@ def network_plan(spatial_dims: int, channels: Sequence[int] | None = None, strid
     if any(s != 1 for s in st[0]):
         raise ValueError(f"the first stage must not down-sample (stride {list(st[0])}): the network's output "
                          "must be at input size")
-    for i, (s, k) in enumerate(zip(st, ks)):
-        for si, ki in zip(s, k):
+    for i, (s, k) in enumerate(zip(st, ks, strict=True)):
+        for si, ki in zip(s, k, strict=True):
             if si < 1 or ki < 1 or ki % 2 == 0:
                 raise ValueError(f"stage {i}: strides must be >= 1 and kernels odd, got stride {list(s)}, "
                                  f"kernel {list(k)}")
@@ -134,7 +133,7 @@ def size_divisor(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
     """Per-axis number the input size must be a multiple of (product of the strides)."""
     div = [1] * len(strides[0])
     for s in strides:
-        div = [d * int(si) for d, si in zip(div, s)]
+        div = [d * int(si) for d, si in zip(div, s, strict=True)]
     return tuple(div)
 
 
@@ -148,11 +147,11 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, strides) -
     if x.shape[1] != in_channels:
         raise ValueError(f"expected {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
     div = size_divisor(strides)
-    bad = [(int(s), d) for s, d in zip(x.shape[2:], div) if s % d]
+    bad = [(int(s), d) for s, d in zip(x.shape[2:], div, strict=True) if s % d]
     if bad:
         raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be a multiple of {div} per axis (the "
-                         f"product of the strides); pad or crop it (e.g. to {tuple(-(-int(s) // d) * d for s, d in zip(x.shape[2:], div))})")
-    deepest = [int(s) // d for s, d in zip(x.shape[2:], div)]
+                         f"product of the strides); pad or crop it (e.g. to {tuple(-(-int(s) // d) * d for s, d in zip(x.shape[2:], div, strict=True))})")
+    deepest = [int(s) // d for s, d in zip(x.shape[2:], div, strict=True)]
     if all(s == 1 for s in deepest):
         # instance norm over a single voxel is undefined (and torch refuses it)
         raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small: the bottleneck would hold a single "
@@ -174,7 +173,7 @@ class NnUNetEncoder(nn.Module):
         self.kernel_sizes = tuple(kernel_sizes)
         stages = []
         prev = in_channels
-        for c, s, k in zip(self.channels, self.strides, self.kernel_sizes):
+        for c, s, k in zip(self.channels, self.strides, self.kernel_sizes, strict=True):
             stages.append(UnetBasicBlock(spatial_dims, prev, c, kernel_size=k, stride=s, norm_name=NORM, act_name=ACT))
             prev = c
         self.stages = nn.ModuleList(stages)
@@ -254,7 +253,7 @@ class NnUNetDecoder(nn.Module):
         return outputs[::-1]   # full resolution first
 
 
-@register("nnunet", dims=(2, 3), paper="002_4bbc0ce13538df96",
+@register("nnunet", dims=(2, 3), paper="zhang_collaborative",
           summary="nnU-Net-style U-Net: 2 conv-IN-LeakyReLU per stage, strided-conv down-sampling, transposed-conv "
                   "up-sampling, concatenation skips, deep-supervision heads (002 Table I in 3D)",
           tiny_args={"spatial_dims": 3, "channels": [4, 8, 16], "strides": [1, 2, 2], "kernel_sizes": [3, 3, 3]},

@@ -27,7 +27,7 @@ class Architecture:
     arch_id: str
     builder: Callable[..., Any]
     dims: tuple[int, ...]          # spatial dimensionalities the network supports: (2,), (3,) or (2, 3)
-    paper: str                     # seed file the method comes from, e.g. "000_3744cab93325e79b"
+    paper: str                     # citation key(s) of the method (models/citations.py), e.g. "wang_hybrid_encoder"
     summary: str
     tiny_args: dict[str, Any]      # a small, fast configuration for tests and smoke runs
     paper_args: dict[str, Any]     # the paper's configuration (defaults of the builder unless noted)
