@@ -174,8 +174,14 @@ def cmd_segment(args, inputs=None) -> int:
         for note in notes:
             _err(f"note: {Path(path).name}: {note}")
 
+    def on_warnings(path: str, warnings: list[str]) -> None:
+        progress.close()
+        for warning in warnings:
+            _err(f"warning: {Path(path).name}: {warning}")
+
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
-                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes)
+                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes,
+                           on_warnings=on_warnings)
     progress.close()
     elapsed = time.perf_counter() - started
     total = len(report.succeeded) + len(report.failed)

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__
-from . import catalogue, checks, io, outputs, quantify
+from . import catalogue, checks, io, outputs, quality, quantify
 from .errors import CovidLesionSegError, InputError
 from .progress import Cancelled
 from .segments import SEGMENTS
@@ -63,6 +63,8 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     models: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[quality.QualityWarning] = field(default_factory=list)   # also in notes (their messages)
+    dicom: Optional[io.DicomSource] = None   # the DICOM series the volume was read from, if it was
 
     def masks_in_input_geometry(self) -> dict[str, np.ndarray]:
         """Segment name -> bool array (z, y, x) on the input's grid (overlapping segments)."""
@@ -85,13 +87,17 @@ class SegmentationResult:
     def report(self) -> dict[str, Any]:
         """JSON-serialisable report of the case (the ``<case>.json`` file)."""
         geometry = self.volume.input_geometry
+        source = {"source": self.volume.source, "size": list(geometry.size),
+                  "spacing_mm": list(geometry.spacing), "origin_mm": list(geometry.origin),
+                  "direction": list(geometry.direction), "orientation": geometry.orientation}
+        if self.dicom is not None:
+            source["dicom"] = self.dicom.describe()
         return {
             "case": self.volume.name,
-            "input": {"source": self.volume.source, "size": list(geometry.size),
-                      "spacing_mm": list(geometry.spacing), "origin_mm": list(geometry.origin),
-                      "direction": list(geometry.direction), "orientation": geometry.orientation},
+            "input": source,
             "models": self.models,
             "quantification": self.quantities,
+            "warnings": [w.as_dict() for w in self.warnings],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "notes": self.notes,
             "software": {"covidlesionseg": __version__, "python": platform.python_version(),
@@ -114,7 +120,9 @@ class Pipeline:
 
     # -- in memory ---------------------------------------------------------------------------------------------
     def run(self, volume: CTVolume, on_progress: Optional[StageCallback] = None,
-            timings: Optional[dict[str, float]] = None) -> SegmentationResult:
+            timings: Optional[dict[str, float]] = None, dicom: Optional[io.DicomSource] = None) -> SegmentationResult:
+        """Segment and measure ``volume``; ``dicom`` (its source series, when it was read from one) adds the
+        header-based quality checks (slice thickness, tilt, spacing, contrast agent) and the DICOM outputs."""
         timings = {} if timings is None else timings
         notes = list(volume.notes)
 
@@ -136,14 +144,13 @@ class Pipeline:
         start = time.perf_counter()
         _emit(on_progress, "quantify", 0.0, "measuring volumes")
         quantities = quantify.quantify(lungs, infection if infection is not None else np.zeros_like(lungs, bool),
-                                       volume.spacing_zyx)
+                                       volume.spacing_zyx, hu=volume.hu)
         if infection is None:
             quantities["infection_segmented"] = False
+        warnings = quality.assess(volume, lungs, infection, quantities, dicom)
         timings["quantify"] = time.perf_counter() - start
-        edge = _scan_edge_note(lungs, volume.spacing_zyx)
-        if edge:
-            notes.append(edge)
-        return SegmentationResult(volume, lungs, infection, quantities, timings, models, notes)
+        notes.extend(w.message for w in warnings if w.message not in notes)
+        return SegmentationResult(volume, lungs, infection, quantities, timings, models, notes, warnings, dicom)
 
     # -- files -------------------------------------------------------------------------------------------------
     def output_paths(self, outdir: Path, name: str) -> dict[str, Path]:
@@ -173,7 +180,7 @@ class Pipeline:
 
         start = time.perf_counter()
         _emit(on_progress, "read", 0.0, f"reading {path}")
-        image, read_notes = io.read_image(path, allow_slice_gaps=self.options.allow_slice_gaps)
+        image, read_notes, dicom = io.read_input(path, allow_slice_gaps=self.options.allow_slice_gaps)
         timings["read"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -183,7 +190,7 @@ class Pipeline:
         del image
         timings["check"] = time.perf_counter() - start
 
-        result = self.run(volume, on_progress, timings)
+        result = self.run(volume, on_progress, timings, dicom)
 
         start = time.perf_counter()
         _emit(on_progress, "write", 0.0, f"writing {outdir}")
@@ -223,14 +230,16 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
                   on_progress: Optional[StageCallback] = None,
                   on_case: Optional[Callable[[int, int, str], None]] = None,
                   on_error: Optional[Callable[[str, str], None]] = None,
-                  on_notes: Optional[Callable[[str, list[str]], None]] = None) -> BatchReport:
+                  on_notes: Optional[Callable[[str, list[str]], None]] = None,
+                  on_warnings: Optional[Callable[[str, list[str]], None]] = None) -> BatchReport:
     """Segment every input; a failed case is reported and the batch goes on. Cancelled stops the batch.
 
     The output folder is checked before any case (:func:`~.outputs.prepare_output_folder`, raising
     :class:`~.outputs.OutputWriteError`); inputs that are this tool's own outputs in that folder are
     skipped. A failed case gets a "failed" row in results.csv, unless a complete earlier result of it is
     there. A full disk (:class:`~.outputs.OutputWriteError`) stops the batch. ``on_notes(input, notes)``
-    gets, for each case, the notes to show the user (those of the run and of its output folder).
+    gets, for each case, the notes to show the user (those of the run and of its output folder), and
+    ``on_warnings(input, messages)`` its quality warnings (which ``on_notes`` then leaves out).
     """
     outdir = Path(outdir)
     outputs.prepare_output_folder(outdir)
@@ -267,7 +276,13 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
                             pipeline.case_writer(outdir, name), started)
             continue
         report.succeeded.append(str(path))
-        notes = folder_notes + outputs.report_notes(result.report())
+        case_report = result.report()
+        warnings = outputs.report_warnings(case_report)
+        notes = folder_notes + outputs.report_notes(case_report)
+        if on_warnings is not None:
+            notes = [n for n in notes if n not in warnings]
+            if warnings:
+                on_warnings(str(path), warnings)
         if on_notes is not None and notes:
             on_notes(str(path), notes)
     return report
@@ -286,32 +301,6 @@ def _record_failure(report: BatchReport, path, message: str, on_error,
     except (OSError, ValueError) as exc:  # a full disk or a foreign table: the console still has the failure
         if on_error is not None:
             on_error(str(path), f"(results.csv not updated: {exc})")
-
-
-#: Lung on a face of the scan counts as cut when its area there is at least this share of the lungs' largest
-#: cross-section parallel to that face, and at least _EDGE_AREA_MM2 (a few stray voxels, or the end of the
-#: airway left at the top slice, do not).
-_EDGE_SHARE, _EDGE_AREA_MM2 = 0.02, 100.0
-
-
-def _scan_edge_note(lungs: np.ndarray, spacing_zyx) -> Optional[str]:
-    """A note when the lung mask (canonical LPS, (z, y, x)) reaches a face of the scan: part of the lung
-    is then outside the scan, and volumes and percentages are of the scanned part only."""
-    spacing = [float(v) for v in spacing_zyx]
-    names = [("its lowest slice", "its highest slice"),
-             ("the front of the field of view", "the back of the field of view"),
-             ("the right side of the field of view", "the left side of the field of view")]
-    inside = lungs > 0
-    cut = []
-    for axis, (low, high) in enumerate(names):
-        counts = np.count_nonzero(inside, axis=tuple(a for a in range(3) if a != axis))
-        pixel_mm2 = float(np.prod([s for a, s in enumerate(spacing) if a != axis]))
-        limit = max(_EDGE_SHARE * counts.max(initial=0), _EDGE_AREA_MM2 / pixel_mm2)
-        cut += [where for where, count in ((low, counts[0]), (high, counts[-1])) if count > 0 and count >= limit]
-    if not cut:
-        return None
-    return (f"the lungs reach the edge of the scan ({', '.join(cut)}): part of the lungs may lie outside it; "
-            "volumes and infected percentages are of the scanned part only")
 
 
 def _model_record(model) -> dict[str, str]:
