@@ -317,6 +317,21 @@ def verify_nifti(path: Path, expected: np.ndarray) -> None:
     _compare_payload(path, 0, memoryview(np.ascontiguousarray(expected)).cast("B"), skip=vox_offset)
 
 
+#: CaseWriter keys of the optional per-case files, and their names.
+CASE_REPORT_KEYS = ("pdf_report", "html_report")
+DICOM_KEYS = ("dicom_seg", "dicom_sr")
+
+
+def case_report_paths(outdir: PathLike, name: str) -> dict[str, Path]:
+    """``<case>_report.pdf`` and ``<case>_report.html`` (``reports.py``)."""
+    return {"pdf_report": Path(outdir) / f"{name}_report.pdf", "html_report": Path(outdir) / f"{name}_report.html"}
+
+
+def dicom_paths(outdir: PathLike, name: str) -> dict[str, Path]:
+    """``<case>_seg.dcm`` (DICOM SEG) and ``<case>_sr.dcm`` (DICOM SR; ``dicom_export.py``)."""
+    return {"dicom_seg": Path(outdir) / f"{name}_seg.dcm", "dicom_sr": Path(outdir) / f"{name}_sr.dcm"}
+
+
 def check_outputs_free(paths: Iterable[PathLike], overwrite: bool) -> None:
     """Raise :class:`OutputExistsError` listing every path that exists, unless ``overwrite`` is True."""
     if overwrite:

@@ -50,6 +50,8 @@ class SegmentOptions:
     overwrite: bool = False
     input_window: Optional[tuple[float, float]] = None
     allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
+    dicom: bool = False                  # also write DICOM SEG + SR for DICOM inputs (dicom_export.py)
+    case_report: bool = True             # write <case>_report.pdf and .html (reports.py)
 
 
 @dataclass
@@ -154,11 +156,18 @@ class Pipeline:
 
     # -- files -------------------------------------------------------------------------------------------------
     def output_paths(self, outdir: Path, name: str) -> dict[str, Path]:
-        return {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
-                "report": outdir / f"{name}.json"}
+        """The files a case may get: the segmentation, labelmap and JSON, with the options' PDF/HTML report and
+        DICOM SEG/SR (written only when the input is a DICOM series: see :meth:`write`)."""
+        paths = {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
+                 "report": outdir / f"{name}.json"}
+        if self.options.case_report:
+            paths.update(outputs.case_report_paths(outdir, name))
+        if self.options.dicom:
+            paths.update(outputs.dicom_paths(outdir, name))
+        return paths
 
     def case_writer(self, outdir: str | Path, name: str) -> outputs.CaseWriter:
-        """The :class:`~.outputs.CaseWriter` of a case's three files in ``outdir``."""
+        """The :class:`~.outputs.CaseWriter` of a case's files in ``outdir``."""
         files = {key: path.name for key, path in self.output_paths(Path(outdir), name).items()}
         return outputs.CaseWriter(outdir, name, files, overwrite=self.options.overwrite)
 
@@ -205,14 +214,44 @@ class Pipeline:
         """
         started = time.perf_counter() if started is None else started
         files = {key: Path(p).name for key, p in paths.items()}
+        dicom_keys = [k for k in outputs.DICOM_KEYS if k in files]
+        problem = dicom_problem(result) if dicom_keys else None
+        if problem:
+            for key in dicom_keys:
+                del files[key]
+            result.notes.append(f"DICOM SEG and SR not written: {problem}")
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
             outputs.write_labelmap(case.staging_path("labels"), result.labelmap_in_input_geometry())
-            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), result.masks_in_input_geometry(),
-                                            result.volume.input_geometry)
+            masks = result.masks_in_input_geometry()
+            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, result.volume.input_geometry)
+            extra: dict[str, Any] = {}
+            if "dicom_seg" in files:
+                from . import dicom_export
+
+                extra["dicom_outputs"] = dicom_export.write_seg_and_sr(
+                    case.staging_path("dicom_seg"), case.staging_path("dicom_sr"), masks,
+                    result.volume.input_geometry, result.dicom.files, result.report())
+            del masks
+            if "pdf_report" in files:
+                from . import reports
+
+                reports.write_case_report(case.staging_path("pdf_report"), case.staging_path("html_report"),
+                                          {**result.report(), **extra}, result.volume, result.lungs,
+                                          result.infection)
             result.timings["write"] = time.perf_counter() - started
-            report = result.report()
+            report = {**result.report(), **extra}
             case.commit(report, outputs.results_row(report))
         return report
+
+
+def dicom_problem(result: SegmentationResult) -> Optional[str]:
+    """Why the result cannot be written as DICOM SEG/SR in its source's geometry, or None when it can."""
+    if result.dicom is None:
+        return "the input is not a DICOM series (the SEG and SR reference their source images)"
+    if result.dicom.resampled:
+        return ("the series was resampled onto its true slice positions (--allow-slice-gaps), so the result no "
+                "longer lies on the source's slices")
+    return None
 
 
 @dataclass
@@ -220,6 +259,7 @@ class BatchReport:
     succeeded: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)   # (input, message)
     skipped: list[str] = field(default_factory=list)              # inputs that are this tool's own outputs
+    summary: Optional[str] = None                                 # the batch's report.html, when written
 
     @property
     def exit_status(self) -> int:
@@ -285,7 +325,26 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
                 on_warnings(str(path), warnings)
         if on_notes is not None and notes:
             on_notes(str(path), notes)
+    if options.case_report and (report.succeeded or report.failed):
+        _write_batch_summary(report, outdir, on_notes)
     return report
+
+
+def _write_batch_summary(report: BatchReport, outdir: Path, on_notes) -> None:
+    """``report.html`` over every case of the folder (from its results.csv, so earlier runs' cases too)."""
+    from . import reports
+
+    try:
+        written = reports.write_batch_report(outdir)
+    except outputs.OutputWriteError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # the cases are written; say what is missing
+        written, problem = None, f"it could not be written ({exc})"
+    else:
+        problem = f"a {reports.BATCH_REPORT} that this tool did not write is there; it was left as it is"
+    report.summary = str(written) if written else None
+    if written is None and on_notes is not None:
+        on_notes(str(outdir), [f"no batch summary {reports.BATCH_REPORT}: {problem}"])
 
 
 def _record_failure(report: BatchReport, path, message: str, on_error,
@@ -306,7 +365,12 @@ def _record_failure(report: BatchReport, path, message: str, on_error,
 def _model_record(model) -> dict[str, str]:
     info = model.info
     # str(): a network model's device is a torch.device, the report is JSON.
-    return {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    record = {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    try:  # the licence travels with the result (the report prints it; weights may be non-commercial)
+        record["licence"] = catalogue.get_entry(info.model_id).licence
+    except CovidLesionSegError:   # a model loaded from a file the catalogue does not list
+        pass
+    return record
 
 
 def _emit(callback: Optional[StageCallback], stage: str, fraction: float, message: str) -> None:
