@@ -215,7 +215,7 @@ class Pipeline:
         started = time.perf_counter() if started is None else started
         files = {key: Path(p).name for key, p in paths.items()}
         dicom_keys = [k for k in outputs.DICOM_KEYS if k in files]
-        problem = dicom_problem(result) if dicom_keys else None
+        problem = dicom_problem(result.dicom) if dicom_keys else None
         if problem:
             for key in dicom_keys:
                 del files[key]
@@ -244,11 +244,12 @@ class Pipeline:
         return report
 
 
-def dicom_problem(result: SegmentationResult) -> Optional[str]:
-    """Why the result cannot be written as DICOM SEG/SR in its source's geometry, or None when it can."""
-    if result.dicom is None:
+def dicom_problem(dicom: Optional[io.DicomSource]) -> Optional[str]:
+    """Why a result read from ``dicom`` (None: not from DICOM) cannot be written as DICOM SEG/SR in its source's
+    geometry, or None when it can."""
+    if dicom is None:
         return "the input is not a DICOM series (the SEG and SR reference their source images)"
-    if result.dicom.resampled:
+    if dicom.resampled:
         return ("the series was resampled onto its true slice positions (--allow-slice-gaps), so the result no "
                 "longer lies on the source's slices")
     return None
