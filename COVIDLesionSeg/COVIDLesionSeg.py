@@ -578,8 +578,10 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         report = self.logic.storedReport(params.resultsTable)
         if report is None or params.outputSegmentation is None:
             return
-        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save the case report"),
-                                              f"{report.get('case') or params.inputVolume.GetName()}_report.pdf",
+        from COVIDLesionSegLib.outputs import case_report_paths
+
+        suggested = str(case_report_paths("", str(report.get("case") or params.inputVolume.GetName()))["pdf_report"])
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save the case report"), suggested,
                                               _("PDF files (*.pdf)"))
         if not path:
             return
