@@ -412,8 +412,9 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def summary_figure(report: Mapping[str, Any]):
-    """Page 1: identifiers, the not-for-diagnosis line, results, zones, chart, warnings, models, definitions."""
+def summary_pages(report: Mapping[str, Any]) -> list:
+    """Page 1 (and a second when the warnings are many): identifiers, the not-for-diagnosis line, results, zones,
+    chart, warnings, models, definitions."""
     fig = _figure(A4)
     fig.text(0.05, 0.97, "Lung and COVID-19 infection CT report", fontsize=15, weight="bold", va="top")
     fig.text(0.05, 0.945, f"Case {report.get('case', '')}  \u2022  generated {_dt.date.today().isoformat()}",
@@ -437,26 +438,39 @@ def summary_figure(report: Mapping[str, Any]):
     chart = 0.25
     draw_chart(fig.add_axes([0.09, y - chart + 0.05, 0.86, chart - 0.08]), report)
     y -= chart + 0.01
-    fig.text(0.05, y, "Quality warnings", fontsize=9, weight="bold", va="top")
-    y -= 0.017
+    pages = [fig]
+
+    def room(height: float) -> None:
+        """Continue on a new page when ``height`` does not fit above the bottom margin (many long warnings)."""
+        nonlocal fig, y
+        if y - height < 0.04:
+            fig = _figure(A4)
+            pages.append(fig)
+            fig.text(0.05, 0.97, f"Case {report.get('case', '')} (continued)", fontsize=9, color="0.3", va="top")
+            y = 0.94
+
+    def line(x: float, text: str, size: float, step: float, **style) -> None:
+        nonlocal y
+        room(step * (text.count("\n") + 1))
+        fig.text(x, y, text, fontsize=size, va="top", **style)
+        y -= step * (text.count("\n") + 1) + 0.003
+
+    line(0.05, "Quality warnings", 9, 0.014, weight="bold")
     warnings = warnings_of(report) or [("", "none: no coverage, slice, volume, balance, border, contrast or metal "
                                              "problem was found")]
     for code, message in warnings:
-        text = _wrap(("\u26a0 " if code else "") + message, 130)
-        fig.text(0.06, y, text, fontsize=7.2, va="top", color="#8a4b00" if code else "0.2")
-        y -= 0.0125 * (text.count("\n") + 1) + 0.003
+        line(0.06, _wrap(("\u26a0 " if code else "") + message, 130), 7.2, 0.0125,
+             color="#8a4b00" if code else "0.2")
     y -= 0.006
     for label, value in model_rows(report):
         text = _wrap(value, 105)
+        room(0.0125 * (text.count("\n") + 1))
         fig.text(0.05, y, label, fontsize=7.5, weight="bold", va="top")
-        fig.text(0.22, y, text, fontsize=7.5, va="top")
-        y -= 0.0125 * (text.count("\n") + 1) + 0.002
+        line(0.22, text, 7.5, 0.0125)
     y -= 0.006
-    for line in definitions():
-        text = _wrap(line, 140)
-        fig.text(0.05, y, text, fontsize=6.5, va="top", color="0.3")
-        y -= 0.0108 * (text.count("\n") + 1) + 0.002
-    return fig
+    for definition in definitions():
+        line(0.05, _wrap(definition, 140), 6.5, 0.0108, color="0.3")
+    return pages
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -473,7 +487,8 @@ def render_case_pdf(report: Mapping[str, Any], views: Sequence[Mapping[str, Any]
         with PdfPages(buffer, metadata={"Title": f"COVIDLesionSeg report: {report.get('case', '')}",
                                         "Creator": f"COVIDLesionSeg {__version__}",
                                         "Subject": NOT_FOR_DIAGNOSIS}) as pdf:
-            pdf.savefig(summary_figure(report))
+            for page in summary_pages(report):
+                pdf.savefig(page)
             if views:
                 pdf.savefig(views_figure(views))
     return buffer.getvalue()
