@@ -161,13 +161,12 @@ def build_segmentation(masks: Mapping[str, np.ndarray], geometry: Geometry, sour
         planes.append(mask)
     # (frames, rows, columns, segments); frame f is slice indices[order[f]] = f of the grid.
     pixels = np.stack(planes, axis=-1)
-    lung_model = models.get("lungs", {})
     segmentation = hd.seg.Segmentation(
         source_images=ordered, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=" + ".join(str(m.get("id", "")) for m in models.values()) or MANUFACTURER,
-        software_versions=__version__, device_serial_number=str(lung_model.get("version", "0")) or "0",
+        software_versions=__version__, device_serial_number=f"COVIDLesionSeg-{__version__}",
         content_label="LUNGS", content_description="Right lung, left lung and COVID-19 infection",
         series_description="COVIDLesionSeg lungs and COVID-19 infection")
     return segmentation

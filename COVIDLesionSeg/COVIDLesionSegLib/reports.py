@@ -512,7 +512,8 @@ def _img(png: bytes, alt: str, width: Optional[int] = None) -> str:
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""   # label/value lists have no header
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 _CSS = """body{font-family:DejaVu Sans,Arial,sans-serif;margin:24px;max-width:1000px;color:#222}

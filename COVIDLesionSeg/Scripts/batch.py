@@ -260,6 +260,16 @@ def run_batch(args) -> int:
     note = device_note(args)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    import importlib.util
+
+    # Inside Slicer these packages are not there until installed (the module asks before installing them).
+    if args.dicom and importlib.util.find_spec("highdicom") is None:
+        print("error: --dicom needs the highdicom package: PythonSlicer -m pip install highdicom", file=sys.stderr)
+        return 2
+    if args.case_report and importlib.util.find_spec("matplotlib") is None:
+        print("note: no PDF/HTML reports: matplotlib is not installed (PythonSlicer -m pip install matplotlib)",
+              file=sys.stderr)
+        args.case_report = False
     results_csv = output / outputs.RESULTS_FILE
 
     context = SceneContext(allow_slice_gaps=args.allow_slice_gaps)

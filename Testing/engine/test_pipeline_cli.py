@@ -315,3 +315,15 @@ def test_segment_with_a_network_model(tmp_path):
                                              "device": "cpu", "licence": networks[0].licence}
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_labels.nii.gz")))
     assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_contrast_and_metal_warnings_on_the_real_scans(real_run):
+    """LIDC-IDRI-0001 is contrast-enhanced (62 % of its mediastinal soft tissue at 150-600 HU) and holds ~8 mL
+    above 3000 HU; the two COVID-CT-MD scans are unenhanced and free of metal (maxima 1563 and 1679 HU)."""
+    _, out = real_run
+    codes = {name: [w["code"] for w in json.loads((out / f"{name}.json").read_text())["warnings"]]
+             for name in REAL_CASES}
+    assert "contrast_enhanced" in codes["lidc_0001_ct"] and "metal" in codes["lidc_0001_ct"]
+    for name in ("covidctmd_p001_ct", "covidctmd_normal001_ct"):
+        assert "contrast_enhanced" not in codes[name] and "metal" not in codes[name], (name, codes[name])
+        assert "implausible_lung_volume" not in codes[name] and "lung_imbalance" not in codes[name]

@@ -414,7 +414,7 @@ def test_warnings_go_to_python_logging(scene, caplog):
     assert run.result.warnings and all(f"COVIDLesionSeg: {w['message']}" in messages for w in run.result.warnings)
 
 
-def test_report_and_dicom_export_from_the_scene(real_ct_run, module_file, tmp_path):
+def test_report_and_dicom_export_from_the_scene(real_ct_run, module_file, tmp_path, monkeypatch):
     from Testing.engine.dicom_series import write_ct_series
     from Testing.engine.test_reports import colour_pixels, render_pdf
 
@@ -438,13 +438,23 @@ def test_report_and_dicom_export_from_the_scene(real_ct_run, module_file, tmp_pa
         logic.exportDicom(volume, segmentation, report, tmp_path)
     # The same scan as the DICOM series it came from: the SEG references it and holds the segments' voxels.
     files = write_ct_series(sitk.ReadImage(str(real_ct_run["path"])), tmp_path / "dicom")
-    written = logic.exportDicom(volume, segmentation, report, tmp_path / "export", sourceFiles=files)
-    seg = hd.seg.segread(str(written["paths"]["dicom_seg"]))
-    assert [d.SegmentLabel for d in seg.SegmentSequence] == SEGMENT_NAMES
-    masks = mrml.masks_from_segmentation(segmentation, volume)
     import pydicom
 
     uids = [pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID for f in files]
+    # What Slicer's DICOM loader leaves: the instance UIDs on the volume, the files in the application's
+    # DICOM database (the one piece of the desktop application this test supplies: a UID -> file lookup).
+    by_uid = dict(zip(uids, map(str, files)))
+    monkeypatch.setattr(slicer, "dicomDatabase", type("Database", (), {"fileForInstance": lambda self, uid:
+                                                                        by_uid.get(uid, "")})(), raising=False)
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    try:
+        assert logic.dicomSourceFiles(volume) == [str(f) for f in files]
+        written = logic.exportDicom(volume, segmentation, report, tmp_path / "export")
+    finally:
+        volume.RemoveAttribute("DICOM.instanceUIDs")
+    seg = hd.seg.segread(str(written["paths"]["dicom_seg"]))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == SEGMENT_NAMES
+    masks = mrml.masks_from_segmentation(segmentation, volume)
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2, 3],
                                                assert_missing_frames_are_empty=True)
     for number, name in enumerate(SEGMENT_NAMES):
