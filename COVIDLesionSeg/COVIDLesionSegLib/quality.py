@@ -29,7 +29,7 @@ the most inferior slice, small x is the patient's right). The checks and why the
 - ``contrast_enhanced``: the DICOM Contrast/Bolus Agent is set, or, from the image, a fifth or more of the
   mediastinal soft tissue between the lungs (anterior 60 % of their depth, middle third of their height) is
   at 150-600 HU, the density of iodinated blood; unenhanced blood and muscle are 30-60 HU. Measured on the
-  shared data: 0.3-2.5 % in the four unenhanced scans, 62 % in the enhanced LIDC-IDRI-0001. Contrast raises
+  shared data: 0.3-2.5 % in the four unenhanced scans, 68 % in the enhanced LIDC-IDRI-0001. Contrast raises
   the density of vessels and of perfused lung, so Hounsfield-unit bands (the built-in infection baseline,
   the high-opacity share above -200 HU) read more tissue as opacity.
 - ``metal``: at least 0.1 mL denser than 2500 HU. Bone stays below about 2000 HU (and 12-bit CT stops at

@@ -318,8 +318,8 @@ def test_segment_with_a_network_model(tmp_path):
 
 
 def test_contrast_and_metal_warnings_on_the_real_scans(real_run):
-    """LIDC-IDRI-0001 is contrast-enhanced (62 % of its mediastinal soft tissue at 150-600 HU) and holds ~8 mL
-    above 3000 HU; the two COVID-CT-MD scans are unenhanced and free of metal (maxima 1563 and 1679 HU)."""
+    """LIDC-IDRI-0001 is contrast-enhanced (about two thirds of its mediastinal soft tissue at 150-600 HU) and holds
+    ~11 mL above 2500 HU; the two COVID-CT-MD scans are unenhanced and free of metal (maxima 1563 and 1679 HU)."""
     _, out = real_run
     codes = {name: [w["code"] for w in json.loads((out / f"{name}.json").read_text())["warnings"]]
              for name in REAL_CASES}
