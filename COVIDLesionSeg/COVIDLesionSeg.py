@@ -322,6 +322,8 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.verifyModelsButton.connect("clicked(bool)", self.onVerifyModels)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
@@ -396,6 +398,10 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasResults = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         self.ui.editInSegmentEditorButton.enabled = hasResults
         self.ui.exportCsvButton.enabled = bool(self._parameterNode and self._parameterNode.resultsTable)
+        report = self.logic.storedReport(self._parameterNode.resultsTable) if self._parameterNode else None
+        self.ui.reportButton.enabled = bool(hasResults and report)
+        inputVolume = self._parameterNode.inputVolume if self._parameterNode else None
+        self.ui.exportDicomButton.enabled = bool(hasResults and report and self.logic.dicomSourceFiles(inputVolume))
 
     def updateModelDescription(self, index=None) -> None:
         modelId = self.ui.modelSelector.itemData(self.ui.modelSelector.currentIndex)
@@ -508,8 +514,10 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 summary += " " + _("Infected: {percent:.1f} % of both lungs ({ml:.0f} mL).").format(
                     percent=both["infected_percent"], ml=both["infection_ml"])
             self.ui.statusLabel.text = summary
+            warned = {w["message"] for w in result.warnings}   # already in the log, as warnings
             for note in result.notes:
-                self.appendLog(note)
+                if note not in warned:
+                    self.appendLog(note)
             self.appendLog(summary)
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=True)
         elif run.state == "cancelled":
@@ -563,6 +571,63 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with _errorsShown(_("Export failed.")):
             self.logic.exportTableCsv(table, path)
             self.appendLog(_("Results written to {path}").format(path=path))
+
+    def onReport(self) -> None:
+        params = self._parameterNode
+        report = self.logic.storedReport(params.resultsTable)
+        if report is None or params.outputSegmentation is None:
+            return
+        from COVIDLesionSegLib.outputs import case_report_paths
+
+        suggested = str(case_report_paths("", str(report.get("case") or params.inputVolume.GetName()))["pdf_report"])
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save the case report"), suggested,
+                                              _("PDF files (*.pdf)"))
+        if not path:
+            return
+        pdfPath = Path(path).with_suffix(".pdf")
+        from COVIDLesionSegLib.dependencies import REPORT_REQUIREMENTS
+
+        if not self._ensurePackages(REPORT_REQUIREMENTS):
+            return
+        with _errorsShown(_("The report could not be written.")):
+            pdf, page = self.logic.writeReport(params.inputVolume, params.outputSegmentation, report, pdfPath,
+                                               pdfPath.with_suffix(".html"))
+            self.appendLog(_("Report written to {pdf} and {html}").format(pdf=pdf, html=page))
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(pdf)))
+
+    def onExportDicom(self) -> None:
+        params = self._parameterNode
+        report = self.logic.storedReport(params.resultsTable)
+        if report is None or params.outputSegmentation is None:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                     _("Folder for the DICOM SEG and SR files"))
+        if not folder:
+            return
+        from COVIDLesionSegLib.dependencies import DICOM_REQUIREMENTS
+
+        if not self._ensurePackages(DICOM_REQUIREMENTS):
+            return
+        with _errorsShown(_("The DICOM export failed.")):
+            written = self.logic.exportDicom(params.inputVolume, params.outputSegmentation, report, folder)
+            self.appendLog(_("DICOM SEG written to {seg}, DICOM SR to {sr}; import them into the DICOM database "
+                             "to send them to PACS.").format(seg=written["paths"]["dicom_seg"],
+                                                             sr=written["paths"]["dicom_sr"]))
+
+    def _ensurePackages(self, requirements) -> bool:
+        """Install the given (import name, pip requirement) pairs after asking, as for the segmentation."""
+        from COVIDLesionSegLib.dependencies import importable
+
+        missing = [req for name, req in requirements if not importable(name)]
+        if not missing:
+            return True
+        text = _("This needs Python packages that are not installed yet: {packages}. Install them now?").format(
+            packages=", ".join(missing))
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install dependencies")):
+            return False
+        with _errorsShown(_("Installing the dependencies failed.")):
+            self.logic.installPackages(missing)
+        return all(importable(name) for name, _req in requirements)
 
     # -- advanced --------------------------------------------------------------------------------------------------
     def onModelCacheFolderChanged(self, path: str) -> None:
@@ -732,6 +797,36 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         from COVIDLesionSegLib.mrml import write_table_csv
 
         return write_table_csv(tableNode, path)
+
+    def storedReport(self, tableNode):
+        """The JSON report a run left on its results table, or None."""
+        from COVIDLesionSegLib.slicer_logic import stored_report
+
+        return stored_report(tableNode)
+
+    def writeReport(self, volumeNode, segmentationNode, report, pdfPath, htmlPath):
+        """Write the case report (PDF and HTML) of a result; returns both paths."""
+        from COVIDLesionSegLib.slicer_logic import write_case_report
+
+        return write_case_report(volumeNode, segmentationNode, report, pdfPath, htmlPath)
+
+    def dicomSourceFiles(self, volumeNode) -> list:
+        """The DICOM files the volume was loaded from (empty when it did not come from DICOM)."""
+        from COVIDLesionSegLib.slicer_logic import dicom_source_files
+
+        return dicom_source_files(volumeNode)
+
+    def exportDicom(self, volumeNode, segmentationNode, report, folder, sourceFiles=None):
+        """Write DICOM SEG + SR for a result whose input came from DICOM (see ``slicer_logic.export_dicom``)."""
+        from COVIDLesionSegLib.slicer_logic import export_dicom
+
+        return export_dicom(volumeNode, segmentationNode, report, folder, sourceFiles)
+
+    def installPackages(self, requirements) -> None:
+        """pip-install requirements, never letting pip replace Slicer's own torch or SimpleITK."""
+        from COVIDLesionSegLib.dependencies import SlicerInstaller
+
+        SlicerInstaller.pip_install(list(requirements))
 
     # -- models --------------------------------------------------------------------------------------------------------
     def importModel(self, path):

@@ -189,6 +189,9 @@ def load_volume(source: str | os.PathLike | sitk.Image, *, name: Optional[str] =
         on_progress: ``(stage, fraction, message)``, told when the "read" and "check" stages start.
         timings: receives the seconds of the "read" and "check" stages.
 
+    Returns:
+        the volume; ``volume.dicom`` is the :class:`~.io.DicomSource` of a DICOM folder (None otherwise).
+
     Raises:
         InputError: the input cannot be read or is not a chest CT in Hounsfield units (the message says why).
     """
@@ -196,6 +199,7 @@ def load_volume(source: str | os.PathLike | sitk.Image, *, name: Optional[str] =
 
     timings = {} if timings is None else timings
     notes = list(notes)
+    dicom = None
     if isinstance(source, sitk.Image):
         image = source
         name = name or "CT"
@@ -203,7 +207,7 @@ def load_volume(source: str | os.PathLike | sitk.Image, *, name: Optional[str] =
         start = time.perf_counter()
         if on_progress is not None:
             on_progress("read", 0.0, f"reading {os.path.basename(os.fspath(source))}")
-        image, read_notes = io.read_image(source, allow_slice_gaps=allow_slice_gaps)
+        image, read_notes, dicom = io.read_input(source, allow_slice_gaps=allow_slice_gaps)
         notes += read_notes
         timings["read"] = time.perf_counter() - start
         name = name or io.case_name(source)
@@ -213,6 +217,7 @@ def load_volume(source: str | os.PathLike | sitk.Image, *, name: Optional[str] =
         on_progress("check", 0.0, "checking the image")
     image, check_notes = check_ct(image, input_window)
     volume = CTVolume.from_image(image, name=name, source=source_label or "", notes=notes + check_notes)
+    volume.dicom = dicom
     timings["check"] = time.perf_counter() - start
     return volume
 

@@ -2,7 +2,7 @@
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
                    [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
-                   [--allow-slice-gaps]
+                   [--allow-slice-gaps] [--dicom] [--no-report]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
     covidlesionseg evaluate --pred P --slice-labels CSV [--case FILE]
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the window an 8-bit (0-255) image was made with, to map it back to HU")
     seg.add_argument("--allow-slice-gaps", action="store_true",
                      help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
+    add_output_options(seg)
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic chest CT")
@@ -130,13 +131,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lungs-only", action="store_true", help="segment the lungs only, no infection")
 
 
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """--dicom, --no-report: shared by this CLI and batch.py."""
+    p.add_argument("--dicom", action="store_true",
+                   help="for DICOM inputs also write <case>_seg.dcm (DICOM SEG) and <case>_sr.dcm (DICOM SR, TID 1500 "
+                        "measurement report), referencing the source series")
+    p.add_argument("--no-report", dest="case_report", action="store_false",
+                   help="do not write <case>_report.pdf/.html and the batch's report.html (faster)")
+
+
 def _options(args):
     from .pipeline import SegmentOptions
 
     return SegmentOptions(infection_model=args.model, lung_model=args.lung_model, device=args.device,
                           lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
                           input_window=getattr(args, "input_window", None),
-                          allow_slice_gaps=getattr(args, "allow_slice_gaps", False))
+                          allow_slice_gaps=getattr(args, "allow_slice_gaps", False),
+                          dicom=getattr(args, "dicom", False), case_report=getattr(args, "case_report", True))
 
 
 def device_note(args) -> Optional[str]:
@@ -180,8 +191,14 @@ def cmd_segment(args, inputs=None) -> int:
         for note in notes:
             _err(f"note: {Path(path).name}: {note}")
 
+    def on_warnings(path: str, warnings: list[str]) -> None:
+        progress.close()
+        for warning in warnings:
+            _err(f"warning: {Path(path).name}: {warning}")
+
     report = segment_batch(inputs, args.output, _options(args), on_progress=progress,
-                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes)
+                           on_case=progress.start_case, on_error=on_error, on_notes=on_notes,
+                           on_warnings=on_warnings)
     progress.close()
     elapsed = time.perf_counter() - started
     total = len(report.succeeded) + len(report.failed)

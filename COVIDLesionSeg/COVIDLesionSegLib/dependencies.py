@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional
+from typing import Optional, Sequence
 
 from .errors import CovidLesionSegError
 
@@ -22,6 +22,9 @@ from .errors import CovidLesionSegError
 BASE_REQUIREMENTS = (("scipy", "scipy>=1.10"), ("skimage", "scikit-image>=0.21"))
 #: Extra packages of the learned models; torch itself comes from the PyTorch extension (PyTorchUtils).
 NETWORK_REQUIREMENTS = (("monai", "monai>=1.4"),)
+#: Packages of the Report button (matplotlib) and of the DICOM SEG/SR export (highdicom; Slicer has pydicom).
+REPORT_REQUIREMENTS = (("matplotlib", "matplotlib>=3.7"),)
+DICOM_REQUIREMENTS = (("highdicom", "highdicom>=0.22"),)
 #: Packages pip must never replace: Slicer's own builds (and the PyTorch extension's torch).
 PROTECTED_PACKAGES = ("torch", "SimpleITK")
 
@@ -91,6 +94,14 @@ class SlicerInstaller(Installer):
             for requirement in requirements:
                 slicer.util.pip_install(f"--force-reinstall --no-deps {requirement}")
             return
+        self.pip_install(requirements)
+
+    @staticmethod
+    def pip_install(requirements: Sequence[str]) -> None:
+        """pip-install ``requirements`` the way Slicer wants it, never replacing :data:`PROTECTED_PACKAGES`."""
+        import slicer
+
+        requirements = list(requirements)
         try:
             from slicer import packaging as slicer_packaging  # Slicer 5.12+
         except ImportError:
@@ -121,5 +132,11 @@ class SlicerInstaller(Installer):
                                   next_step="install it in the PyTorch Utils module (PyTorch extension), then try again")
 
 
-__all__ = ["BASE_REQUIREMENTS", "NETWORK_REQUIREMENTS", "PROTECTED_PACKAGES", "DependencyError", "Installer",
-           "SlicerInstaller", "missing_dependencies", "model_needs_torch"]
+def importable(name: str) -> bool:
+    """Whether the package ``name`` can be imported here (without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
+
+__all__ = ["BASE_REQUIREMENTS", "DICOM_REQUIREMENTS", "NETWORK_REQUIREMENTS", "PROTECTED_PACKAGES",
+           "REPORT_REQUIREMENTS", "DependencyError", "Installer", "SlicerInstaller", "importable",
+           "missing_dependencies", "model_needs_torch"]

@@ -121,14 +121,21 @@ def unique_case_names(cases) -> list[str]:
 
 
 def read_image(path: str | os.PathLike, allow_slice_gaps: bool = False) -> tuple[sitk.Image, list[str]]:
+    """:func:`read_input` without the DICOM description: the image and the notes."""
+    image, notes, _dicom = read_input(path, allow_slice_gaps)
+    return image, notes
+
+
+def read_input(path: str | os.PathLike,
+               allow_slice_gaps: bool = False) -> tuple[sitk.Image, list[str], Optional["DicomSource"]]:
     """Read a CT image file or DICOM series folder without reorienting it.
 
     ``allow_slice_gaps``: a DICOM series with missing slices is refused unless this is true; then it (and a
     series with uneven spacing) is resampled onto a regular grid at its true slice positions.
 
     Returns:
-        the image (pixels cast to int16 when the values fit, to halve memory for int32/float files) and a list of
-        notes for the user.
+        the image (pixels cast to int16 when the values fit, to halve memory for int32/float files), a list of
+        notes for the user, and for a DICOM folder the :class:`DicomSource` it was read from (None for files).
 
     Raises:
         InputError: missing path, unsupported or unreadable file, no DICOM series, missing DICOM slices (without
@@ -137,8 +144,9 @@ def read_image(path: str | os.PathLike, allow_slice_gaps: bool = False) -> tuple
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    dicom = None
     if p.is_dir():
-        image, notes = _read_dicom_series(p, allow_slice_gaps)
+        image, notes, dicom = _read_dicom_series(p, allow_slice_gaps)
     else:
         _check_file_suffix(p)
         reader = sitk.ImageFileReader()
@@ -157,7 +165,7 @@ def read_image(path: str | os.PathLike, allow_slice_gaps: bool = False) -> tuple
         except (RuntimeError, MemoryError) as exc:
             raise InputError(f"{p}: reading the image failed ({_first_line(exc)}); the file may be truncated") from None
         notes = []
-    return _compact_pixels(image), notes
+    return _compact_pixels(image), notes, dicom
 
 
 def _check_file_suffix(p: Path) -> None:
@@ -348,6 +356,63 @@ class DicomSeries:
         return f"{number}{description}({', '.join(x for x in (kind, count) if x)}{where}, UID {self.uid})"
 
 
+#: Header fields a :class:`DicomSource` keeps (DICOM keyword -> tag as GDCM names it), for the report's
+#: identifiers and the quality checks.
+HEADER_TAGS = {
+    "PatientName": "0010|0010", "PatientID": "0010|0020", "PatientBirthDate": "0010|0030", "PatientSex": "0010|0040",
+    "StudyDate": "0008|0020", "StudyTime": "0008|0030", "AccessionNumber": "0008|0050",
+    "StudyDescription": "0008|1030", "SeriesDescription": "0008|103e", "SeriesNumber": "0020|0011",
+    "Modality": "0008|0060", "Manufacturer": "0008|0070", "InstitutionName": "0008|0080",
+    "StudyInstanceUID": "0020|000d", "SeriesInstanceUID": "0020|000e", "FrameOfReferenceUID": "0020|0052",
+    "SliceThickness": "0018|0050", "ContrastBolusAgent": "0018|0010", "GantryDetectorTilt": "0018|1120",
+    "ConvolutionKernel": "0018|1210", "KVP": "0018|0060",
+}
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """The DICOM series a volume was read from, for the quality checks, the report and the DICOM SEG/SR.
+
+    Attributes:
+        folder: the folder given.
+        series: the series that was read.
+        files: its files in the order of the image's slices (slice k of the image is ``files[k]``).
+        resampled: the series was resampled onto its true slice positions (``allow_slice_gaps``); its slices
+            then no longer correspond to the files one to one.
+        tilt_deg: gantry tilt found from the slice positions (0 when none).
+        uneven_spacing: the slice steps differ from each other (without or with gaps).
+        geometry_notes: the notes about tilt, duplicates and spacing, as given to the user.
+        header: the first slice's :data:`HEADER_TAGS` that are present (strings, as stored).
+    """
+
+    folder: str
+    series: DicomSeries
+    files: tuple[str, ...]
+    resampled: bool = False
+    tilt_deg: float = 0.0
+    uneven_spacing: bool = False
+    geometry_notes: tuple[str, ...] = ()
+    header: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The JSON form (``input.dicom`` of a case report): UIDs, counts and the header fields."""
+        return {"series_instance_uid": self.series.uid, "files": len(self.files), "resampled": self.resampled,
+                "gantry_tilt_deg": round(self.tilt_deg, 3), "uneven_spacing": self.uneven_spacing,
+                "header": dict(self.header)}
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """:data:`HEADER_TAGS` of one DICOM file (without its pixels), by keyword; absent tags are left out."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    return {keyword: reader.GetMetaData(tag).strip() for keyword, tag in HEADER_TAGS.items()
+            if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip()}
+
+
 def find_dicom_series(folder: Path) -> list[DicomSeries]:
     """Every DICOM series under ``folder`` (recursively), each with its slices sorted by GDCM along the
     slice normal, in the order the reader prefers them (see :func:`_preference`)."""
@@ -417,7 +482,7 @@ def _preference(series: DicomSeries) -> tuple:
     return (not volume, series.modality not in ("CT", ""), -len(series.files), series.uid)
 
 
-def _read_dicom_series(folder: Path, allow_slice_gaps: bool = False) -> tuple[sitk.Image, list[str]]:
+def _read_dicom_series(folder: Path, allow_slice_gaps: bool = False) -> tuple[sitk.Image, list[str], DicomSource]:
     found = find_dicom_series(folder)
     if not found:
         raise InputError(f"{folder}: no DICOM series found in this folder (or its subfolders)")
@@ -449,13 +514,17 @@ def _read_dicom_series(folder: Path, allow_slice_gaps: bool = False) -> tuple[si
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{folder}: reading DICOM series {chosen.uid} failed ({_first_line(exc)})") from None
-    if allow_slice_gaps and geometry.irregular:
+    resampled = bool(allow_slice_gaps and geometry.irregular)
+    if resampled:
         image = _onto_true_positions(image, geometry)
         notes.append(f"slice spacing was irregular ({geometry.gap_text() if geometry.missing_slices else 'uneven'}); "
                      f"the series was resampled onto {image.GetSize()[2]} slices {geometry.step:.3f} mm apart at the "
                      f"true slice positions, {geometry.missing_slices} missing slice(s) interpolated linearly "
                      "from their neighbours")
-    return image, notes
+    source = DicomSource(folder=str(folder), series=chosen, files=tuple(files), resampled=resampled,
+                         tilt_deg=geometry.tilt_deg, uneven_spacing=geometry.irregular,
+                         geometry_notes=tuple(geometry.notes), header=read_header(files[0]))
+    return image, notes, source
 
 
 @dataclass
@@ -467,6 +536,7 @@ class _SliceGeometry:
     missing_slices: int = 0              # slices that would fill the gaps (steps of 1.5 nominal steps or more)
     largest_gap: tuple[float, float] = (0.0, 0.0)
     irregular: bool = False              # steps differ from the nominal one (gaps or uneven spacing)
+    tilt_deg: float = 0.0                # gantry tilt: angle between the slice normal and the slices' path
     notes: list[str] = field(default_factory=list)
 
     def gap_text(self) -> str:
@@ -521,6 +591,7 @@ def _slice_geometry(files) -> _SliceGeometry:
         cos_angle = abs(float(offsets @ normal)) / float(np.linalg.norm(offsets))
         tilt = float(np.degrees(np.arccos(min(1.0, cos_angle))))
         if tilt > 0.1:
+            out.tilt_deg = tilt
             out.notes.append(f"gantry tilt of {tilt:.1f} degrees: slices are sheared, the voxel grid is approximate")
     return out
 

@@ -500,6 +500,10 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Lung volume", "volume_ml", "mL"),
     ("Infection volume", "infection_ml", "mL"),
     ("Infected", "infected_percent", "%"),
+    # Severity (quantify.py): the high-opacity share (Chaganti et al. 2020) and the six-zone score (Wu et al.
+    # 2020) of each lung (0-12), both lungs (0-24) and each third (0-4); other rows have no score (NaN).
+    ("High opacity", "high_opacity_percent", "%"),
+    ("Zone score", "zone_score", "points"),
 )
 REGION_COLUMN = "Region"
 

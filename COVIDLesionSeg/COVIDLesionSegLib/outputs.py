@@ -317,6 +317,21 @@ def verify_nifti(path: Path, expected: np.ndarray) -> None:
     _compare_payload(path, 0, memoryview(np.ascontiguousarray(expected)).cast("B"), skip=vox_offset)
 
 
+#: CaseWriter keys of the optional per-case files, and their names.
+CASE_REPORT_KEYS = ("pdf_report", "html_report")
+DICOM_KEYS = ("dicom_seg", "dicom_sr")
+
+
+def case_report_paths(outdir: PathLike, name: str) -> dict[str, Path]:
+    """``<case>_report.pdf`` and ``<case>_report.html`` (``reports.py``)."""
+    return {"pdf_report": Path(outdir) / f"{name}_report.pdf", "html_report": Path(outdir) / f"{name}_report.html"}
+
+
+def dicom_paths(outdir: PathLike, name: str) -> dict[str, Path]:
+    """``<case>_seg.dcm`` (DICOM SEG) and ``<case>_sr.dcm`` (DICOM SR; ``dicom_export.py``)."""
+    return {"dicom_seg": Path(outdir) / f"{name}_seg.dcm", "dicom_sr": Path(outdir) / f"{name}_sr.dcm"}
+
+
 def check_outputs_free(paths: Iterable[PathLike], overwrite: bool) -> None:
     """Raise :class:`OutputExistsError` listing every path that exists, unless ``overwrite`` is True."""
     if overwrite:
@@ -676,17 +691,25 @@ def write_json_report(path: PathLike, report: Mapping[str, Any]) -> Path:
 def _results_columns() -> tuple[str, ...]:
     from .quantify import CSV_COLUMNS
     return ("case", "status", "source", "lung_model", "infection_model", "device", *CSV_COLUMNS,
-            "seconds", "error", "notes")
+            "seconds", "error", "warnings", "notes")
 
 
 #: Column order of ``results.csv``: case name, status ("ok"/"failed"), input path, model ids, device,
-#: the quantification (:data:`quantify.CSV_COLUMNS`), total seconds, the error message of a failed case and
-#: the run's notes (the things that change how the numbers read, e.g. approximate HU or lungs cut by the
-#: scan's edge), joined by " | ".
+#: the quantification (:data:`quantify.CSV_COLUMNS`), total seconds, the error message of a failed case, the
+#: codes of the quality warnings (``quality.py``, space-separated) and the run's notes (the things that change
+#: how the numbers read, e.g. approximate HU or lungs cut by the scan's edge), joined by " | ".
 RESULTS_COLUMNS: tuple[str, ...] = _results_columns()
 RESULTS_FILE = "results.csv"
-#: Infection columns, empty for a ``--lungs-only`` case (not 0: nothing was measured).
-_INFECTION_COLUMNS = tuple(c for c in RESULTS_COLUMNS if "infect" in c and c != "infection_model")
+
+
+def _infection_columns() -> tuple[str, ...]:
+    from .quantify import SEVERITY_CSV_COLUMNS
+    return tuple(c for c in RESULTS_COLUMNS
+                 if ("infect" in c and c != "infection_model") or c in SEVERITY_CSV_COLUMNS)
+
+
+#: Infection and severity columns, empty for a ``--lungs-only`` case (not 0: nothing was measured).
+_INFECTION_COLUMNS = _infection_columns()
 
 
 def _csv_cell(value: Any) -> str:
@@ -701,9 +724,15 @@ def _csv_cell(value: Any) -> str:
 
 
 def report_notes(report: Mapping[str, Any]) -> list[str]:
-    """Every note of a case report, the run's and the quantification's, once each, in order."""
+    """Every note of a case report, the run's and the quantification's, once each, in order (the quality
+    warnings' messages included)."""
     notes = list(report.get("notes", [])) + list(report.get("quantification", {}).get("notes", []))
     return list(dict.fromkeys(str(n) for n in notes))
+
+
+def report_warnings(report: Mapping[str, Any]) -> list[str]:
+    """The messages of a case report's quality warnings (``quality.py``), in order."""
+    return [str(w["message"]) for w in report.get("warnings", [])]
 
 
 def results_row(report: Mapping[str, Any], seconds: Optional[float] = None) -> dict[str, Any]:
@@ -723,7 +752,8 @@ def results_row(report: Mapping[str, Any], seconds: Optional[float] = None) -> d
                            "lung_model": models.get("lungs", {}).get("id", ""),
                            "infection_model": models.get("infection", {}).get("id", ""),
                            "device": main_model.get("device", ""), **flatten_for_csv(quantities),
-                           "seconds": round(seconds, 3), "notes": " | ".join(report_notes(report))}
+                           "seconds": round(seconds, 3), "notes": " | ".join(report_notes(report)),
+                           "warnings": " ".join(w["code"] for w in report.get("warnings", []))}
     if quantities.get("infection_segmented") is False:
         row.update(dict.fromkeys(_INFECTION_COLUMNS))
     return row

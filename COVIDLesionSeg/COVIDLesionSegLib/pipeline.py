@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__, catalogue, checks, io, outputs, quantify
+from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__
+from . import catalogue, checks, io, outputs, quality, quantify
 from .errors import InputError, user_message
 from .progress import Cancelled
 from .segments import SEGMENTS
@@ -49,6 +50,8 @@ class SegmentOptions:
     overwrite: bool = False
     input_window: Optional[tuple[float, float]] = None
     allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
+    dicom: bool = False                  # also write DICOM SEG + SR for DICOM inputs (dicom_export.py)
+    case_report: bool = True             # write <case>_report.pdf and .html (reports.py)
 
 
 @dataclass
@@ -62,6 +65,8 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     models: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[quality.QualityWarning] = field(default_factory=list)   # also in notes (their messages)
+    dicom: Optional[io.DicomSource] = None   # the DICOM series the volume was read from, if it was
 
     def masks_in_input_geometry(self) -> dict[str, np.ndarray]:
         """Segment name -> bool array (z, y, x) on the input's grid (overlapping segments)."""
@@ -84,13 +89,17 @@ class SegmentationResult:
     def report(self) -> dict[str, Any]:
         """JSON-serialisable report of the case (the ``<case>.json`` file)."""
         geometry = self.volume.input_geometry
+        source = {"source": self.volume.source, "size": list(geometry.size),
+                  "spacing_mm": list(geometry.spacing), "origin_mm": list(geometry.origin),
+                  "direction": list(geometry.direction), "orientation": geometry.orientation}
+        if self.dicom is not None:
+            source["dicom"] = self.dicom.describe()
         return {
             "case": self.volume.name,
-            "input": {"source": self.volume.source, "size": list(geometry.size),
-                      "spacing_mm": list(geometry.spacing), "origin_mm": list(geometry.origin),
-                      "direction": list(geometry.direction), "orientation": geometry.orientation},
+            "input": source,
             "models": self.models,
             "quantification": self.quantities,
+            "warnings": [w.as_dict() for w in self.warnings],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "notes": self.notes,
             "software": {"covidlesionseg": __version__, "python": platform.python_version(),
@@ -113,7 +122,9 @@ class Pipeline:
 
     # -- in memory ---------------------------------------------------------------------------------------------
     def run(self, volume: CTVolume, on_progress: Optional[StageCallback] = None,
-            timings: Optional[dict[str, float]] = None) -> SegmentationResult:
+            timings: Optional[dict[str, float]] = None, dicom: Optional[io.DicomSource] = None) -> SegmentationResult:
+        """Segment and measure ``volume``; ``dicom`` (its source series, when it was read from one) adds the
+        header-based quality checks (slice thickness, tilt, spacing, contrast agent) and the DICOM outputs."""
         timings = {} if timings is None else timings
         notes = list(volume.notes)
 
@@ -135,22 +146,28 @@ class Pipeline:
         start = time.perf_counter()
         _emit(on_progress, "quantify", 0.0, "measuring volumes")
         quantities = quantify.quantify(lungs, infection if infection is not None else np.zeros_like(lungs, bool),
-                                       volume.spacing_zyx)
+                                       volume.spacing_zyx, hu=volume.hu)
         if infection is None:
             quantities["infection_segmented"] = False
+        warnings = quality.assess(volume, lungs, infection, quantities, dicom)
         timings["quantify"] = time.perf_counter() - start
-        edge = _scan_edge_note(lungs, volume.spacing_zyx)
-        if edge:
-            notes.append(edge)
-        return SegmentationResult(volume, lungs, infection, quantities, timings, models, notes)
+        notes.extend(w.message for w in warnings if w.message not in notes)
+        return SegmentationResult(volume, lungs, infection, quantities, timings, models, notes, warnings, dicom)
 
     # -- files -------------------------------------------------------------------------------------------------
     def output_paths(self, outdir: Path, name: str) -> dict[str, Path]:
-        return {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
-                "report": outdir / f"{name}.json"}
+        """The files a case may get: the segmentation, labelmap and JSON, with the options' PDF/HTML report and
+        DICOM SEG/SR (written only when the input is a DICOM series: see :meth:`write`)."""
+        paths = {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
+                 "report": outdir / f"{name}.json"}
+        if self.options.case_report:
+            paths.update(outputs.case_report_paths(outdir, name))
+        if self.options.dicom:
+            paths.update(outputs.dicom_paths(outdir, name))
+        return paths
 
     def case_writer(self, outdir: str | Path, name: str) -> outputs.CaseWriter:
-        """The :class:`~.outputs.CaseWriter` of a case's three files in ``outdir``."""
+        """The :class:`~.outputs.CaseWriter` of a case's files in ``outdir``."""
         files = {key: path.name for key, path in self.output_paths(Path(outdir), name).items()}
         return outputs.CaseWriter(outdir, name, files, overwrite=self.options.overwrite)
 
@@ -172,7 +189,7 @@ class Pipeline:
         volume = checks.load_volume(path, name=name, input_window=self.options.input_window,
                                     allow_slice_gaps=self.options.allow_slice_gaps, on_progress=on_progress,
                                     timings=timings)
-        result = self.run(volume, on_progress, timings)
+        result = self.run(volume, on_progress, timings, volume.dicom)
 
         start = time.perf_counter()
         _emit(on_progress, "write", 0.0, f"writing {outdir}")
@@ -187,14 +204,45 @@ class Pipeline:
         """
         started = time.perf_counter() if started is None else started
         files = {key: Path(p).name for key, p in paths.items()}
+        dicom_keys = [k for k in outputs.DICOM_KEYS if k in files]
+        problem = dicom_problem(result.dicom) if dicom_keys else None
+        if problem:
+            for key in dicom_keys:
+                del files[key]
+            result.notes.append(f"DICOM SEG and SR not written: {problem}")
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
             outputs.write_labelmap(case.staging_path("labels"), result.labelmap_in_input_geometry())
-            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), result.masks_in_input_geometry(),
-                                            result.volume.input_geometry)
+            masks = result.masks_in_input_geometry()
+            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, result.volume.input_geometry)
+            extra: dict[str, Any] = {}
+            if "dicom_seg" in files:
+                from . import dicom_export
+
+                extra["dicom_outputs"] = dicom_export.write_seg_and_sr(
+                    case.staging_path("dicom_seg"), case.staging_path("dicom_sr"), masks,
+                    result.volume.input_geometry, result.dicom.files, result.report())
+            del masks
+            if "pdf_report" in files:
+                from . import reports
+
+                reports.write_case_report(case.staging_path("pdf_report"), case.staging_path("html_report"),
+                                          {**result.report(), **extra}, result.volume, result.lungs,
+                                          result.infection)
             result.timings["write"] = time.perf_counter() - started
-            report = result.report()
+            report = {**result.report(), **extra}
             case.commit(report, outputs.results_row(report))
         return report
+
+
+def dicom_problem(dicom: Optional[io.DicomSource]) -> Optional[str]:
+    """Why a result read from ``dicom`` (None: not from DICOM) cannot be written as DICOM SEG/SR in its source's
+    geometry, or None when it can."""
+    if dicom is None:
+        return "the input is not a DICOM series (the SEG and SR reference their source images)"
+    if dicom.resampled:
+        return ("the series was resampled onto its true slice positions (--allow-slice-gaps), so the result no "
+                "longer lies on the source's slices")
+    return None
 
 
 @dataclass
@@ -202,6 +250,7 @@ class BatchReport:
     succeeded: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)   # (input, message)
     skipped: list[str] = field(default_factory=list)              # inputs that are this tool's own outputs
+    summary: Optional[str] = None                                 # the batch's report.html, when written
 
     @property
     def exit_status(self) -> int:
@@ -212,14 +261,16 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
                   on_progress: Optional[StageCallback] = None,
                   on_case: Optional[Callable[[int, int, str], None]] = None,
                   on_error: Optional[Callable[[str, str], None]] = None,
-                  on_notes: Optional[Callable[[str, list[str]], None]] = None) -> BatchReport:
+                  on_notes: Optional[Callable[[str, list[str]], None]] = None,
+                  on_warnings: Optional[Callable[[str, list[str]], None]] = None) -> BatchReport:
     """Segment every input; a failed case is reported and the batch goes on. Cancelled stops the batch.
 
     The output folder is checked before any case (:func:`~.outputs.prepare_output_folder`, raising
     :class:`~.outputs.OutputWriteError`); inputs that are this tool's own outputs in that folder are
     skipped. A failed case gets a "failed" row in results.csv, unless a complete earlier result of it is
     there. A full disk (:class:`~.outputs.OutputWriteError`) stops the batch. ``on_notes(input, notes)``
-    gets, for each case, the notes to show the user (those of the run and of its output folder).
+    gets, for each case, the notes to show the user (those of the run and of its output folder), and
+    ``on_warnings(input, messages)`` its quality warnings (which ``on_notes`` then leaves out).
     """
     outdir = Path(outdir)
     outputs.prepare_output_folder(outdir)
@@ -249,10 +300,35 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
                             started)
             continue
         report.succeeded.append(str(path))
-        notes = folder_notes + outputs.report_notes(result.report())
+        case_report = result.report()
+        warnings = outputs.report_warnings(case_report)
+        notes = folder_notes + outputs.report_notes(case_report)
+        if on_warnings is not None:
+            notes = [n for n in notes if n not in warnings]
+            if warnings:
+                on_warnings(str(path), warnings)
         if on_notes is not None and notes:
             on_notes(str(path), notes)
+    if options.case_report and (report.succeeded or report.failed):
+        _write_batch_summary(report, outdir, on_notes)
     return report
+
+
+def _write_batch_summary(report: BatchReport, outdir: Path, on_notes) -> None:
+    """``report.html`` over every case of the folder (from its results.csv, so earlier runs' cases too)."""
+    from . import reports
+
+    try:
+        written = reports.write_batch_report(outdir)
+    except outputs.OutputWriteError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # the cases are written; say what is missing
+        written, problem = None, f"it could not be written ({exc})"
+    else:
+        problem = f"a {reports.BATCH_REPORT} that this tool did not write is there; it was left as it is"
+    report.summary = str(written) if written else None
+    if written is None and on_notes is not None:
+        on_notes(str(outdir), [f"no batch summary {reports.BATCH_REPORT}: {problem}"])
 
 
 def _record_failure(report: BatchReport, path, message: str, on_error,
@@ -270,36 +346,15 @@ def _record_failure(report: BatchReport, path, message: str, on_error,
             on_error(str(path), f"(results.csv not updated: {exc})")
 
 
-#: Lung on a face of the scan counts as cut when its area there is at least this share of the lungs' largest
-#: cross-section parallel to that face, and at least _EDGE_AREA_MM2 (a few stray voxels, or the end of the
-#: airway left at the top slice, do not).
-_EDGE_SHARE, _EDGE_AREA_MM2 = 0.02, 100.0
-
-
-def _scan_edge_note(lungs: np.ndarray, spacing_zyx) -> Optional[str]:
-    """A note when the lung mask (canonical LPS, (z, y, x)) reaches a face of the scan: part of the lung
-    is then outside the scan, and volumes and percentages are of the scanned part only."""
-    spacing = [float(v) for v in spacing_zyx]
-    names = [("its lowest slice", "its highest slice"),
-             ("the front of the field of view", "the back of the field of view"),
-             ("the right side of the field of view", "the left side of the field of view")]
-    inside = lungs > 0
-    cut = []
-    for axis, (low, high) in enumerate(names):
-        counts = np.count_nonzero(inside, axis=tuple(a for a in range(3) if a != axis))
-        pixel_mm2 = float(np.prod([s for a, s in enumerate(spacing) if a != axis]))
-        limit = max(_EDGE_SHARE * counts.max(initial=0), _EDGE_AREA_MM2 / pixel_mm2)
-        cut += [where for where, count in ((low, counts[0]), (high, counts[-1])) if count > 0 and count >= limit]
-    if not cut:
-        return None
-    return (f"the lungs reach the edge of the scan ({', '.join(cut)}): part of the lungs may lie outside it; "
-            "volumes and infected percentages are of the scanned part only")
-
-
 def _model_record(model) -> dict[str, str]:
     info = model.info
     # str(): a network model's device is a torch.device, the report is JSON.
-    return {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    record = {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    try:  # the licence travels with the result (the report prints it; weights may be non-commercial)
+        record["licence"] = catalogue.get_entry(info.model_id).licence
+    except CovidLesionSegError:   # a model loaded from a file the catalogue does not list
+        pass
+    return record
 
 
 def _emit(callback: Optional[StageCallback], stage: str, fraction: float, message: str) -> None:

@@ -28,6 +28,26 @@ Definitions (all counts are voxels; volumes are counts x voxel volume):
 
 Rounding: volumes to 0.001 mL (1 uL), percentages to 0.001 %; voxel counts are exact integers. Rounding
 is applied once, to the reported numbers; percentages are computed from the exact counts.
+
+Severity measures (``"severity"`` in the report; ``hu`` must be given for the high-opacity ones):
+
+- percentage of opacity (PO) and percentage of high opacity (PHO), per lung and for both lungs, as defined by
+  Chaganti S, Grenier P, Balachandran A, et al. "Automated Quantification of CT Patterns Associated with
+  COVID-19 from Chest CT." Radiology: Artificial Intelligence 2020;2(4):e200048 (doi:10.1148/ryai.2020200048):
+  PO = 100 x infection volume / lung volume (the same number as ``infected_percent``: one count, two names);
+  PHO = 100 x volume of the infection voxels above -200 HU (:data:`HIGH_OPACITY_HU`; consolidation rather
+  than ground glass) / lung volume. Each lung uses its own volume; "both" uses the sum.
+- zone score: each of the six zones (upper, middle, lower third of each lung) gets 0-4 from its infected
+  percentage p: 0 no infection, 1 p < 25 %, 2 25 % <= p < 50 %, 3 50 % <= p < 75 %, 4 p >= 75 %; the total
+  is 0-24. This is the six-zone CT score of Wu J, Wu X, Zeng W, et al. "Chest CT Findings in Patients With
+  Coronavirus Disease 2019 and Its Relationship With Clinical Features." Investigative Radiology
+  2020;55(5):257-261 (doi:10.1097/RLI.0000000000000670), computed from the voxel counts instead of read
+  visually. Difference from the paper: its zones are anatomical (upper above the carina, middle down to
+  the inferior pulmonary veins, lower below them); ours are the geometric thirds above, which need no
+  landmark detection. Any infected voxel makes a zone score at least 1, as in the paper's scale ("0 %
+  involvement" is the only 0). The comparisons use the exact counts (e.g. score 1 when 4 x infection <
+  lung voxels). A zone without lung voxels has no score (null); the total then sums the scored zones and
+  ``zone_score_max`` says out of how many points.
 """
 
 from __future__ import annotations
@@ -43,6 +63,11 @@ LUNGS: tuple[str, ...] = ("right", "left")
 VERTICAL_ZONES: tuple[str, ...] = ("upper", "middle", "lower")
 AP_ZONES: tuple[str, ...] = ("ventral", "dorsal")
 ZONES: tuple[str, ...] = VERTICAL_ZONES + AP_ZONES
+#: Infection voxels above this (HU) are "high opacity" (Chaganti et al. 2020, module docstring).
+HIGH_OPACITY_HU = -200.0
+#: Points per zone of the six-zone score, and the zones it is summed over (Wu et al. 2020).
+ZONE_SCORE_POINTS = 4
+SCORED_ZONES: tuple[str, ...] = VERTICAL_ZONES
 ML_DECIMALS = 3
 PERCENT_DECIMALS = 3
 
@@ -56,25 +81,25 @@ ZONE_DEFINITION = (
     "containing its centre, parts are half-open so a centre on a cut belongs to the posterior/superior part.")
 
 
-def _part_counts(lung_counts: np.ndarray, other_counts: np.ndarray, n_parts: int) -> tuple[np.ndarray, np.ndarray]:
+def _part_counts(lung_counts: np.ndarray, other_counts: Sequence[np.ndarray], n_parts: int) -> list[np.ndarray]:
     """Split per-slice counts into ``n_parts`` zones of the *lung's* occupied extent (module docstring).
 
-    ``lung_counts[k]`` / ``other_counts[k]`` are the lung / infection voxel counts of slice (or row) k.
-    The zone boundaries come from the lung alone, so the infection is counted in the lung's zones.
-    Returns the per-part totals of both, in increasing index order.
+    ``lung_counts[k]`` is the lung voxel count of slice (or row) k, ``other_counts`` are counts of subsets
+    of the lung (infection, high-opacity infection) per slice. The zone boundaries come from the lung
+    alone, so the subsets are counted in the lung's zones. Returns the per-part totals of the lung and of
+    each subset, in increasing index order.
     """
     occupied = np.flatnonzero(lung_counts)
-    lung_out = np.zeros(n_parts, dtype=np.int64)
-    other_out = np.zeros(n_parts, dtype=np.int64)
+    out = [np.zeros(n_parts, dtype=np.int64) for _ in range(1 + len(other_counts))]
     if occupied.size == 0:
-        return lung_out, other_out
+        return out
     kmin, kmax = int(occupied[0]), int(occupied[-1])
     height = kmax - kmin + 1
     k = np.arange(kmin, kmax + 1, dtype=np.int64)
     part = (n_parts * (2 * (k - kmin) + 1)) // (2 * height)
-    np.add.at(lung_out, part, lung_counts[kmin:kmax + 1].astype(np.int64))
-    np.add.at(other_out, part, other_counts[kmin:kmax + 1].astype(np.int64))
-    return lung_out, other_out
+    for total, counts in zip(out, (lung_counts, *other_counts)):
+        np.add.at(total, part, counts[kmin:kmax + 1].astype(np.int64))
+    return out
 
 
 def _ml(voxels: int, voxel_ml: float) -> float:
@@ -87,10 +112,28 @@ def _percent(part: int, whole: int) -> float | None:
     return round(100.0 * part / whole, PERCENT_DECIMALS)
 
 
-def _entry(lung_voxels: int, infection_voxels: int, voxel_ml: float) -> dict[str, Any]:
-    return {"voxels": int(lung_voxels), "volume_ml": _ml(lung_voxels, voxel_ml),
-            "infection_voxels": int(infection_voxels), "infection_ml": _ml(infection_voxels, voxel_ml),
-            "infected_percent": _percent(infection_voxels, lung_voxels)}
+def zone_score(infection_voxels: int, lung_voxels: int) -> int | None:
+    """Six-zone score points (0-4) of one zone from exact counts (Wu et al. 2020; module docstring)."""
+    if lung_voxels <= 0:
+        return None
+    if infection_voxels <= 0:
+        return 0
+    # p < 25 %, p < 50 %, p < 75 % in integer arithmetic: no rounding can move a zone across a bound.
+    for points, (num, den) in enumerate(((1, 4), (1, 2), (3, 4)), start=1):
+        if infection_voxels * den < num * lung_voxels:
+            return points
+    return ZONE_SCORE_POINTS
+
+
+def _entry(lung_voxels: int, infection_voxels: int, voxel_ml: float,
+           high_voxels: int | None = None) -> dict[str, Any]:
+    entry = {"voxels": int(lung_voxels), "volume_ml": _ml(lung_voxels, voxel_ml),
+             "infection_voxels": int(infection_voxels), "infection_ml": _ml(infection_voxels, voxel_ml),
+             "infected_percent": _percent(infection_voxels, lung_voxels)}
+    if high_voxels is not None:
+        entry.update({"high_opacity_voxels": int(high_voxels), "high_opacity_ml": _ml(high_voxels, voxel_ml),
+                      "high_opacity_percent": _percent(high_voxels, lung_voxels)})
+    return entry
 
 
 def _validate(lungs: np.ndarray, infection: np.ndarray,
@@ -115,39 +158,53 @@ def _validate(lungs: np.ndarray, infection: np.ndarray,
     return lungs, infection, float(np.prod(spacing)) / 1000.0
 
 
-def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, Any]:
-    """Volumes and infected percentages of each lung, both lungs and each lung zone.
+def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[float],
+             hu: np.ndarray | None = None) -> dict[str, Any]:
+    """Volumes, infected percentages and severity measures of each lung, both lungs and each lung zone.
 
     Args:
         lungs: (z, y, x) integer labelmap on the canonical grid: 0 background, 1 right, 2 left lung.
         infection: (z, y, x) boolean infection mask on the same grid.
         spacing_zyx: voxel spacing in mm in array axis order (``CTVolume.spacing_zyx``).
+        hu: the CT in Hounsfield units on the same grid (``CTVolume.hu``); needed for the high-opacity
+            measures, which are null without it.
 
     Returns a JSON-serialisable dict (see the module docstring for the definitions)::
 
         {"voxel_volume_ml", "units", "zone_definition",
          "right_lung" | "left_lung": {voxels, volume_ml, infection_voxels, infection_ml, infected_percent,
-                                      extent_voxels (absent for an empty lung),
-                                      "zones": {upper|middle|lower|ventral|dorsal: {same five keys}}},
-         "both_lungs": {same keys, "zones": {...}},
+                                      [high_opacity_voxels, high_opacity_ml, high_opacity_percent: with hu],
+                                      zone_score (0-12), extent_voxels (absent for an empty lung),
+                                      "zones": {upper|middle|lower|ventral|dorsal: {same keys; the thirds
+                                                with their zone_score 0-4}}},
+         "both_lungs": {same keys, zone_score 0-24, "zones": {...}},
+         "severity": {percentage_of_opacity, percentage_of_high_opacity: {right_lung, left_lung, both_lungs},
+                      zone_score, zone_score_max, zone_scores: {right_upper, ...}, definitions},
          "infection_outside_lungs_voxels", "infection_outside_lungs_ml", "notes": [...]}
     """
     lungs, infection, voxel_ml = _validate(lungs, infection, spacing_zyx)
+    high = None
+    if hu is not None:
+        hu = np.asarray(hu)
+        if hu.shape != lungs.shape:
+            raise ValueError(f"HU array shape {hu.shape} differs from the lung labelmap shape {lungs.shape}")
+        high = infection & (hu > HIGH_OPACITY_HU)
     notes: list[str] = []
     per_lung: dict[str, Any] = {}
-    zone_totals = {zone: [0, 0] for zone in ZONES}  # lung voxels, infection voxels, summed over lungs
-    total_lung = total_inf = 0
+    zone_totals = {zone: [0, 0, 0] for zone in ZONES}  # lung, infection, high-opacity voxels, summed over lungs
+    totals = [0, 0, 0]
+    zone_scores: dict[str, int | None] = {}
     for side in LUNGS:
         lung = lungs == _LUNG_LABELS[side]
-        inf = lung & infection
+        subsets = [lung & infection] + ([lung & high] if high is not None else [])
         # Per-slice (z) and per-row (y) counts are all the zones need; no full-size zone masks.
         lung_z = np.count_nonzero(lung, axis=(1, 2))
-        inf_z = np.count_nonzero(inf, axis=(1, 2))
         lung_y = np.count_nonzero(lung, axis=(0, 2))
-        inf_y = np.count_nonzero(inf, axis=(0, 2))
-        n_lung, n_inf = int(lung_z.sum()), int(inf_z.sum())
-        entry = _entry(n_lung, n_inf, voxel_ml)
-        if n_lung == 0:
+        sub_z = [np.count_nonzero(m, axis=(1, 2)) for m in subsets]
+        sub_y = [np.count_nonzero(m, axis=(0, 2)) for m in subsets]
+        counts = [int(lung_z.sum())] + [int(c.sum()) for c in sub_z]
+        entry = _entry(*counts[:2], voxel_ml, counts[2] if high is not None else None)
+        if counts[0] == 0:
             notes.append(f"The {side} lung is empty: its volume is 0 and its infected percentages "
                          "are undefined (null).")
         else:
@@ -155,22 +212,28 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
             entry["extent_voxels"] = {"z": [int(occupied_z[0]), int(occupied_z[-1])],
                                       "y": [int(occupied_y[0]), int(occupied_y[-1])]}
         # Index order of the parts is increasing z (lower -> upper) and increasing y (ventral -> dorsal).
-        lung_v, inf_v = _part_counts(lung_z, inf_z, 3)
-        lung_ap, inf_ap = _part_counts(lung_y, inf_y, 2)
-        zone_counts = {"lower": (lung_v[0], inf_v[0]), "middle": (lung_v[1], inf_v[1]),
-                       "upper": (lung_v[2], inf_v[2]),
-                       "ventral": (lung_ap[0], inf_ap[0]), "dorsal": (lung_ap[1], inf_ap[1])}
-        entry["zones"] = {zone: _entry(int(zone_counts[zone][0]), int(zone_counts[zone][1]), voxel_ml)
-                          for zone in ZONES}
+        vertical = _part_counts(lung_z, sub_z, 3)
+        ap = _part_counts(lung_y, sub_y, 2)
+        parts = {"lower": 0, "middle": 1, "upper": 2}
+        zone_counts = {zone: [int(c[parts[zone]]) for c in vertical] for zone in VERTICAL_ZONES}
+        zone_counts.update({zone: [int(c[i]) for c in ap] for i, zone in enumerate(AP_ZONES)})
+        entry["zones"] = {}
         for zone in ZONES:
-            zone_totals[zone][0] += int(zone_counts[zone][0])
-            zone_totals[zone][1] += int(zone_counts[zone][1])
+            z = zone_counts[zone]
+            entry["zones"][zone] = _entry(z[0], z[1], voxel_ml, z[2] if high is not None else None)
+            for i, value in enumerate(z):
+                zone_totals[zone][i] += value
+        for zone in SCORED_ZONES:
+            score = zone_score(zone_counts[zone][1], zone_counts[zone][0])
+            entry["zones"][zone]["zone_score"] = zone_scores[f"{side}_{zone}"] = score
+        entry["zone_score"] = _score_sum(zone_scores[f"{side}_{zone}"] for zone in SCORED_ZONES)
         per_lung[REPORT_KEYS[side]] = entry
-        total_lung += n_lung
-        total_inf += n_inf
+        totals = [t + c for t, c in zip(totals, counts)]
 
-    both = _entry(total_lung, total_inf, voxel_ml)
-    both["zones"] = {zone: _entry(zone_totals[zone][0], zone_totals[zone][1], voxel_ml) for zone in ZONES}
+    both = _entry(totals[0], totals[1], voxel_ml, totals[2] if high is not None else None)
+    both["zone_score"] = _score_sum(zone_scores.values())
+    both["zones"] = {zone: _entry(zone_totals[zone][0], zone_totals[zone][1], voxel_ml,
+                                  zone_totals[zone][2] if high is not None else None) for zone in ZONES}
     per_lung[REPORT_KEYS["both"]] = both
 
     outside = int(np.count_nonzero(infection & (lungs == 0)))
@@ -179,12 +242,47 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
                      "and are not counted.")
     return {
         "voxel_volume_ml": voxel_ml,
-        "units": {"volume": "mL", "infected_percent": "percent of the lung or zone volume"},
+        "units": {"volume": "mL", "infected_percent": "percent of the lung or zone volume",
+                  "high_opacity_percent": "percent of the lung or zone volume",
+                  "zone_score": "points, 0-4 per zone (upper/middle/lower third of each lung)"},
         "zone_definition": ZONE_DEFINITION,
         **per_lung,
+        "severity": severity(per_lung, zone_scores),
         "infection_outside_lungs_voxels": outside,
         "infection_outside_lungs_ml": _ml(outside, voxel_ml),
         "notes": notes,
+    }
+
+
+def _score_sum(scores) -> int | None:
+    scored = [s for s in scores if s is not None]
+    return int(sum(scored)) if scored else None
+
+
+SEVERITY_DEFINITIONS = {
+    "percentage_of_opacity": "100 x infection volume / lung volume (Chaganti et al., Radiology: Artificial "
+                             "Intelligence 2020;2(4):e200048); equals infected_percent",
+    "percentage_of_high_opacity": f"100 x volume of infection voxels above {HIGH_OPACITY_HU:g} HU / lung volume "
+                                  "(Chaganti et al. 2020)",
+    "zone_score": "sum over the six zones (upper/middle/lower third of each lung) of 0 (no infection), "
+                  "1 (< 25 %), 2 (25 to < 50 %), 3 (50 to < 75 %), 4 (>= 75 % infected); 0-24 (Wu et al., "
+                  "Investigative Radiology 2020;55(5):257-261; geometric thirds instead of the paper's "
+                  "carina / inferior pulmonary vein levels)",
+}
+
+
+def severity(per_lung: Mapping[str, Any], zone_scores: Mapping[str, int | None]) -> dict[str, Any]:
+    """The severity block of a report from its lung entries and zone scores (module docstring)."""
+    keys = [REPORT_KEYS[s] for s in LUNGS + ("both",)]
+    scored = [s for s in zone_scores.values() if s is not None]
+    return {
+        "percentage_of_opacity": {k: per_lung[k]["infected_percent"] for k in keys},
+        "percentage_of_high_opacity": {k: per_lung[k].get("high_opacity_percent") for k in keys},
+        "high_opacity_threshold_hu": HIGH_OPACITY_HU,
+        "zone_score": _score_sum(scored),
+        "zone_score_max": ZONE_SCORE_POINTS * len(scored),
+        "zone_scores": dict(zone_scores),
+        "definitions": SEVERITY_DEFINITIONS,
     }
 
 
@@ -196,6 +294,7 @@ def _csv_items() -> list[tuple[str, tuple[str, ...], str]]:
         items += [(f"{key}_ml", (key,), "volume_ml"),
                   (f"{side}_infection_ml", (key,), "infection_ml"),
                   (f"{side}_infected_pct", (key,), "infected_percent")]
+    items += _SEVERITY_ITEMS
     for side in LUNGS + ("both",):
         key = REPORT_KEYS[side]
         for zone in ZONES:
@@ -205,6 +304,13 @@ def _csv_items() -> list[tuple[str, tuple[str, ...], str]]:
     return items
 
 
+#: The severity columns (PO, PHO, zone score): empty, like the infection columns, when nothing was measured.
+_SEVERITY_ITEMS: list[tuple[str, tuple[str, ...], str]] = (
+    [(f"{side}_po_pct", ("severity", "percentage_of_opacity"), REPORT_KEYS[side]) for side in LUNGS + ("both",)]
+    + [(f"{side}_pho_pct", ("severity", "percentage_of_high_opacity"), REPORT_KEYS[side])
+       for side in LUNGS + ("both",)]
+    + [("zone_score", ("severity",), "zone_score")])
+SEVERITY_CSV_COLUMNS: tuple[str, ...] = tuple(c for c, _, _ in _SEVERITY_ITEMS)
 _CSV_ITEMS = _csv_items()
 #: Column names produced by :func:`flatten_for_csv`, in order (the quantification part of results.csv).
 CSV_COLUMNS: tuple[str, ...] = tuple(c for c, _, _ in _CSV_ITEMS) + ("infection_outside_lungs_ml",)

@@ -49,6 +49,11 @@ ProgressCallback = Callable[[Progress], None]
 DEVICES = ("auto", "cpu", "cuda")
 
 
+#: Table-node attribute holding the run's JSON report, so that Report and DICOM export work after the run
+#: (and after the scene is saved and loaded again).
+REPORT_ATTRIBUTE = "COVIDLesionSeg.Report"
+
+
 @dataclass
 class ProcessResult:
     """What a successful run produced."""
@@ -58,6 +63,7 @@ class ProcessResult:
     segment_ids: dict[str, str]             # segment name -> segment ID
     report: dict[str, Any]                  # the engine's JSON report
     notes: list[str] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)   # the quality warnings (quality.py)
 
     @property
     def quantities(self) -> dict[str, Any]:
@@ -76,6 +82,7 @@ class _Request:
     policy: str
     show_surfaces: bool
     case_name: str
+    dicom_source: Any = None   # io.DicomSource of the input, when the caller read it (batch.py)
 
 
 class SegmentationRun:
@@ -118,7 +125,18 @@ class SegmentationRun:
         if self.progress_callback is not None:
             self.progress_callback(progress)
 
+    def _log_warnings(self) -> None:
+        """Every quality warning of the result goes to the run's log and to Python's logging as a warning (the
+        Slicer log and Python console show it)."""
+        import logging
+
+        for warning in (self.result.warnings if self.result is not None else []):
+            logging.getLogger("COVIDLesionSeg").warning(f"COVIDLesionSeg: {warning['message']}")
+            self._log(f"Warning: {warning['message']}")
+
     def _finish(self, state: str, error: Optional[str] = None, kind: Optional[str] = None) -> None:
+        if state == "succeeded":
+            self._log_warnings()
         self.state = state
         self.error = error
         self.error_kind = kind
@@ -287,7 +305,7 @@ class SegmentationLogic:
                 wait_for_completion: bool = True, use_worker: Optional[bool] = None,
                 progress_callback: Optional[ProgressCallback] = None,
                 log_callback: Optional[Callable[[str], None]] = None, replace_existing=None,
-                results_table=None, show_surfaces: bool = False) -> SegmentationRun:
+                results_table=None, show_surfaces: bool = False, dicom_source=None) -> SegmentationRun:
         """Segment the lungs and COVID-19 infection of ``input_volume``.
 
         Args:
@@ -307,6 +325,8 @@ class SegmentationLogic:
                 the ones the user edited (renamed "(edited)"). The user's own segments are never touched.
             results_table: ``vtkMRMLTableNode`` for the quantification (None: a new one).
             show_surfaces: also build the closed-surface (3D) representation.
+            dicom_source: the :class:`~.io.DicomSource` the input was read from (in-process runs): adds the
+                header-based quality checks (slice thickness, gantry tilt, spacing, contrast agent).
 
         Returns:
             the :class:`SegmentationRun` (finished when blocking; ``run.result`` holds the nodes and report).
@@ -321,7 +341,7 @@ class SegmentationLogic:
         policy = mrml.ReplacePolicy.from_argument(replace_existing)
         image = mrml.image_from_volume_node(input_volume)         # InputError if the node is unusable
         request = _Request(input_volume, output_segmentation, results_table, model or "", lung_model or "",
-                           device, bool(lungs_only), policy, bool(show_surfaces), input_volume.GetName() or "CT")
+                           device, bool(lungs_only), policy, bool(show_surfaces), input_volume.GetName() or "CT", dicom_source)
         run = SegmentationRun(request, progress_callback, log_callback)
 
         if not wait_for_completion or use_worker:
@@ -376,7 +396,7 @@ class SegmentationLogic:
         for note in volume.notes:
             run._log(note)
         on_progress("check", 1.0, "input checked")
-        result = self._pipeline(request).run(volume, on_progress=on_progress)
+        result = self._pipeline(request).run(volume, on_progress=on_progress, dicom=request.dicom_source)
         on_progress("write", 0.0, "creating segments")
         report = result.report()
         return result.masks_in_input_geometry(), report
@@ -413,8 +433,65 @@ def import_result(request: _Request, masks: dict[str, Any], report: dict[str, An
                                         scene.GenerateUniqueName(f"{request.case_name} lung infection"))
     mrml.fill_table(table, report["quantification"], volume)
     mrml.place_beside(table, volume)
+    import json
+
+    from .outputs import to_jsonable
+
+    table.SetAttribute(REPORT_ATTRIBUTE, json.dumps(to_jsonable(report)))
     notes = list(report.get("notes", []))
-    return ProcessResult(segmentation, table, segment_ids, report, notes)
+    return ProcessResult(segmentation, table, segment_ids, report, notes, list(report.get("warnings", [])))
+
+
+def stored_report(table_node) -> Optional[dict[str, Any]]:
+    """The JSON report a run left on its results table (None when there is none)."""
+    import json
+
+    text = table_node.GetAttribute(REPORT_ATTRIBUTE) if table_node is not None else None
+    return json.loads(text) if text else None
+
+
+def write_case_report(volume_node, segmentation_node, report: dict[str, Any], pdf_path, html_path):
+    """The case report (``reports.py``) of a result in the scene: the CT from its volume node, the segments from
+    the segmentation node (on the CT's grid), the numbers from the run's ``report``. Returns both paths."""
+    from . import reports
+
+    masks = mrml.masks_from_segmentation(segmentation_node, volume_node)
+    return reports.write_case_report_from_masks(pdf_path, html_path, report, mrml.image_from_volume_node(volume_node),
+                                                masks)
+
+
+def dicom_source_files(volume_node) -> list[str]:
+    """The DICOM files a volume was loaded from: its ``DICOM.instanceUIDs`` (set by Slicer's DICOM loader)
+    looked up in Slicer's DICOM database. Empty when it did not come from DICOM or no database is open."""
+    import slicer
+
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split() if volume_node is not None else []
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return []
+    files = [database.fileForInstance(uid) for uid in uids]
+    return [f for f in files if f] if all(files) else []
+
+
+def export_dicom(volume_node, segmentation_node, report: dict[str, Any], folder, source_files=None,
+                 name: Optional[str] = None) -> dict[str, Any]:
+    """Write ``<name>_seg.dcm`` and ``<name>_sr.dcm`` (``dicom_export.py``) into ``folder`` for a result whose
+    input came from DICOM; ``source_files`` defaults to :func:`dicom_source_files`. Returns the description
+    of what was written (UIDs), with the two paths under ``"paths"``."""
+    from . import dicom_export
+    from .outputs import dicom_paths
+    from .volume import Geometry
+
+    files = list(source_files) if source_files is not None else dicom_source_files(volume_node)
+    if not files:
+        raise dicom_export.DicomExportError("the input volume was not loaded from DICOM (or its files are not in "
+                                            "the DICOM database), so there is no series to reference")
+    image = mrml.image_from_volume_node(volume_node)
+    masks = mrml.masks_from_segmentation(segmentation_node, volume_node)
+    paths = dicom_paths(Path(folder), name or str(report.get("case") or volume_node.GetName() or "case"))
+    described = dicom_export.write_seg_and_sr(paths["dicom_seg"], paths["dicom_sr"], masks, Geometry.of(image),
+                                              files, report)
+    return {**described, "paths": paths}
 
 
 def temporary_root() -> Path:

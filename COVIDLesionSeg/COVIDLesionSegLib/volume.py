@@ -17,6 +17,7 @@ for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,6 +55,8 @@ class CTVolume:
         name: case name used for output files.
         source: where it was read from (path or DICOM folder), for reports.
         notes: warnings found while reading (gantry tilt, uneven spacing, ...), shown to the user.
+        dicom: the DICOM series it was read from (``io.DicomSource``: files, header, tilt), None otherwise;
+            DICOM SEG/SR outputs reference it.
     """
 
     image: sitk.Image
@@ -61,6 +64,7 @@ class CTVolume:
     name: str = "case"
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    dicom: Any = field(default=None, repr=False)
     _array: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod

@@ -5,7 +5,7 @@ Runs inside Slicer::
 
     Slicer --no-splash --no-main-window --python-script batch.py --input DIR_OR_FILES... --output DIR
            [--model ID] [--lung-model ID] [--device auto|cpu|cuda] [--lungs-only] [--overwrite]
-           [--allow-slice-gaps]
+           [--allow-slice-gaps] [--dicom] [--no-report]
 
 and under plain Python with ``pip install slicer-core`` (same options). Each input is a CT file (NIfTI,
 NRRD, MHA) or a DICOM series folder; a folder of CT files is expanded to its files and its DICOM
@@ -16,8 +16,11 @@ segmented by the module logic in blocking mode, and written as
 - ``OUTPUT/<case>.seg.nrrd`` through ``vtkMRMLSegmentationStorageNode`` (three named, coloured segments with
   terminology, on the input's grid),
 - ``OUTPUT/<case>.json`` (the engine's report),
+- ``OUTPUT/<case>_report.pdf`` and ``.html`` (the case report, unless ``--no-report``),
+- with ``--dicom``, for a DICOM series: ``OUTPUT/<case>_seg.dcm`` and ``<case>_sr.dcm`` (DICOM SEG and TID 1500 SR
+  referencing the series),
 - the case's row in ``OUTPUT/results.csv`` (the same columns and writer as the ``covidlesionseg`` command line:
-  one row per case, replaced in place by a rerun).
+  one row per case, replaced in place by a rerun), and at the end ``OUTPUT/report.html`` over all cases.
 
 A case's files appear together or not at all (``outputs.CaseWriter``); the output folder is checked before
 any case runs. A failed case is reported (stderr and a ``failed`` row in results.csv, unless a complete earlier
@@ -36,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
-from COVIDLesionSegLib.cli import add_model_options, device_note  # noqa: E402
+from COVIDLesionSegLib.cli import add_model_options, add_output_options, device_note  # noqa: E402
 from COVIDLesionSegLib.errors import InputError, OutputError, user_message  # noqa: E402
 
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their results.csv rows)")
     p.add_argument("--allow-slice-gaps", action="store_true",
                    help="segment a DICOM series with missing slices, interpolating them (default: refuse it)")
+    add_output_options(p)
     return p
 
 
@@ -73,6 +77,7 @@ class SceneContext:
 
     def __init__(self, allow_slice_gaps: bool = False):
         self.allow_slice_gaps = allow_slice_gaps
+        self.dicom = None          # io.DicomSource of the last DICOM folder loaded (None for files)
         self.in_app = in_slicer_app()
         if self.in_app:
             import slicer
@@ -87,6 +92,7 @@ class SceneContext:
 
     def load(self, path: Path, name: str):
         """Load one case as a scalar volume node; raises InputError with the reason when it cannot."""
+        self.dicom = None
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if path.is_dir():
@@ -110,13 +116,19 @@ class SceneContext:
             node = self._load_dicom_with_database(folder)
             if node is not None:
                 node.SetName(name)
+                # The series Slicer loaded is the one the engine would pick; its files are what a DICOM SEG
+                # references (dicom_export matches them to the volume's slices by position, and refuses otherwise).
+                series = engine_io.find_dicom_series(folder)
+                if series:
+                    self.dicom = engine_io.DicomSource(folder=str(folder), series=series[0], files=series[0].files,
+                                                       header=engine_io.read_header(series[0].files[0]))
                 return node
         # Plain Python (or a folder Slicer's DICOM plugins cannot load): the engine's series reader, which
         # picks the CT series with the most slices, orders slices along the normal, refuses missing slices
         # (unless --allow-slice-gaps) and reports tilt / uneven spacing.
         from COVIDLesionSegLib.mrml import volume_node_from_image
 
-        image, notes = engine_io.read_image(folder, allow_slice_gaps=self.allow_slice_gaps)
+        image, notes, self.dicom = engine_io.read_input(folder, allow_slice_gaps=self.allow_slice_gaps)
         for note in notes:
             print(f"  note: {note}", file=sys.stderr)
         return volume_node_from_image(image, self.scene, name)
@@ -177,11 +189,45 @@ def save_segmentation(segmentation_node, path: Path) -> Path:
 # Main
 # ------------------------------------------------------------------------------------------------------------
 
-def _case_writer(output: Path, name: str, overwrite: bool):
+def _case_files(output: Path, name: str, case_report: bool, dicom: bool) -> dict:
+    """CaseWriter key -> file name of a case: the segmentation and JSON, the report, the DICOM SEG/SR."""
     from COVIDLesionSegLib import outputs
 
-    return outputs.CaseWriter(output, name, {"segmentation": f"{name}.seg.nrrd", "report": f"{name}.json"},
-                              overwrite=overwrite)
+    files = {"segmentation": f"{name}.seg.nrrd", "report": f"{name}.json"}
+    if case_report:
+        files.update({k: p.name for k, p in outputs.case_report_paths(output, name).items()})
+    if dicom:
+        files.update({k: p.name for k, p in outputs.dicom_paths(output, name).items()})
+    return files
+
+
+def _case_writer(output: Path, name: str, overwrite: bool, files=None):
+    from COVIDLesionSegLib import outputs
+
+    return outputs.CaseWriter(output, name, files or _case_files(output, name, False, False), overwrite=overwrite)
+
+
+def _write_extras(writer, files, volume, result, report, dicom) -> None:
+    """The case report and the DICOM SEG/SR, into the case's staging folder (written with the case or not at
+    all). The segments are read back from the segmentation node, on the input volume's grid."""
+    from COVIDLesionSegLib import mrml
+
+    if "pdf_report" not in files and "dicom_seg" not in files:
+        return
+    masks = mrml.masks_from_segmentation(result.segmentation_node, volume)
+    image = mrml.image_from_volume_node(volume)
+    if "dicom_seg" in files:
+        from COVIDLesionSegLib import dicom_export
+        from COVIDLesionSegLib.volume import Geometry
+
+        report["dicom_outputs"] = dicom_export.write_seg_and_sr(
+            writer.staging_path("dicom_seg"), writer.staging_path("dicom_sr"), masks, Geometry.of(image), dicom.files,
+            report)
+    if "pdf_report" in files:
+        from COVIDLesionSegLib import reports
+
+        reports.write_case_report_from_masks(writer.staging_path("pdf_report"), writer.staging_path("html_report"),
+                                             report, image, masks)
 
 
 def _record_failure(writer, case, message: str, started: float) -> None:
@@ -213,6 +259,16 @@ def run_batch(args) -> int:
     note = device_note(args)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    import importlib.util
+
+    # Inside Slicer these packages are not there until installed (the module asks before installing them).
+    if args.dicom and importlib.util.find_spec("highdicom") is None:
+        print("error: --dicom needs the highdicom package: PythonSlicer -m pip install highdicom", file=sys.stderr)
+        return 2
+    if args.case_report and importlib.util.find_spec("matplotlib") is None:
+        print("note: no PDF/HTML reports: matplotlib is not installed (PythonSlicer -m pip install matplotlib)",
+              file=sys.stderr)
+        args.case_report = False
     results_csv = output / outputs.RESULTS_FILE
 
     context = SceneContext(allow_slice_gaps=args.allow_slice_gaps)
@@ -223,7 +279,8 @@ def run_batch(args) -> int:
         print(f"[{index + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         volume = run = None
-        writer = _case_writer(output, name, args.overwrite)
+        planned = _case_files(output, name, args.case_report, args.dicom and Path(case).is_dir())
+        writer = _case_writer(output, name, args.overwrite, planned)
         last_stage = [None]
 
         def on_progress(progress, last_stage=last_stage):
@@ -237,16 +294,32 @@ def run_batch(args) -> int:
             volume = context.load(case, name)
             run = logic.process(volume, None, model=args.model or None, lung_model=args.lung_model or None,
                                 device=args.device, lungs_only=args.lungs_only, wait_for_completion=True,
-                                progress_callback=on_progress)
+                                progress_callback=on_progress, dicom_source=context.dicom)
             report = dict(run.result.report)
             report["case"] = name
             report.setdefault("input", {})["source"] = str(case)
+            if context.dicom is not None:
+                report["input"]["dicom"] = context.dicom.describe()
+            files = dict(planned)
+            if args.dicom:
+                from COVIDLesionSegLib.pipeline import dicom_problem
+
+                problem = dicom_problem(context.dicom)
+                if problem:
+                    files = {k: v for k, v in files.items() if k not in outputs.DICOM_KEYS}
+                    report.setdefault("notes", []).append(f"DICOM SEG and SR not written: {problem}")
+            writer = _case_writer(output, name, args.overwrite, files)
             with writer:
                 save_segmentation(run.result.segmentation_node, writer.staging_path("segmentation"))
+                _write_extras(writer, files, volume, run.result, report, context.dicom)
                 seconds = time.perf_counter() - started
                 writer.commit(report, outputs.results_row(report, seconds))
+            warnings = outputs.report_warnings(report)
+            for warning in warnings:
+                print(f"  warning: {warning}", file=sys.stderr)
             for note in outputs.report_notes(report):
-                print(f"  note: {note}", file=sys.stderr)
+                if note not in warnings:
+                    print(f"  note: {note}", file=sys.stderr)
             print(f"  done in {seconds:.1f} s -> {writer.final_path('segmentation')}", file=sys.stderr, flush=True)
         except (KeyboardInterrupt, Cancelled):
             print("cancelled", file=sys.stderr)
@@ -271,6 +344,12 @@ def run_batch(args) -> int:
             context.remove(volume)
 
     succeeded = len(cases) - len(failures)
+    if args.case_report:
+        from COVIDLesionSegLib import reports
+
+        if reports.write_batch_report(output) is None:
+            print(f"note: no batch summary: a {reports.BATCH_REPORT} that this tool did not write is in {output}",
+                  file=sys.stderr)
     print(f"{succeeded} of {len(cases)} case(s) segmented; results in {results_csv}", file=sys.stderr)
     for case, message in failures:
         print(f"failed: {case}: {message}", file=sys.stderr)

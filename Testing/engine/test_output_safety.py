@@ -237,6 +237,10 @@ def test_notes_that_change_the_reading_reach_console_and_csv(tmp_path, capsys):
     err = capsys.readouterr().err
     rows = {r["case"]: r for r in _rows(out)}
     assert "approximate" in rows["grey"]["notes"] and "approximate" in err
-    assert "edge of the scan" in rows["cut"]["notes"] and "edge of the scan" in err
+    # Lungs cut at the top and the bottom: the coverage warning, in the table, on the console and in the JSON.
+    assert "does not cover the whole lungs" in rows["cut"]["notes"]
+    assert "lungs_cut_by_scan_range" in rows["cut"]["warnings"].split()
+    assert "warning: cut.nii.gz: the lungs reach the lowest slice" in err
     report = json.loads((out / "cut.json").read_text())
-    assert any("edge of the scan" in n for n in report["notes"])
+    assert "lungs_cut_by_scan_range" in [w["code"] for w in report["warnings"]]
+    assert any("does not cover the whole lungs" in n for n in report["notes"])

@@ -19,15 +19,13 @@ from COVIDLesionSegLib.progress import Cancelled
 from COVIDLesionSegLib.volume import CTVolume, Geometry
 from Testing.conftest import shared_file
 
-REAL_CASES = ["covidctmd_p001_ct", "covidctmd_normal001_ct", "lidc_0001_ct"]
+from .conftest import CUT_CASE, DICOM_CASE, REAL_CASES
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """One CLI batch over the three real HU volumes, shared by the tests below."""
-    inputs = [str(shared_file(f"ct/{name}.nii.gz")) for name in REAL_CASES]
-    out = tmp_path_factory.mktemp("real")
-    status = main(["segment", *inputs, "-o", str(out), "--device", "cpu", "--quiet"])
+def real_run(real_batch):
+    """The CLI batch over the real volumes (``conftest.real_batch``, shared with the DICOM and report tests)."""
+    status, out, _root = real_batch
     return status, out
 
 
@@ -89,8 +87,54 @@ def test_p001_infected_slices_inside_lung_extent(real_run):
 def test_results_csv_has_one_row_per_case(real_run):
     _, out = real_run
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["case"] for r in rows] == REAL_CASES
+    assert [r["case"] for r in rows] == REAL_CASES + [CUT_CASE, DICOM_CASE]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_a_scan_cut_at_the_lung_bases_gets_the_coverage_warning(real_run):
+    """normal001 covers its lungs; the same scan without its lowest 80 mm does not, and says so."""
+    _, out = real_run
+    whole = json.loads((out / "covidctmd_normal001_ct.json").read_text())
+    cut = json.loads((out / f"{CUT_CASE}.json").read_text())
+    assert "lungs_cut_by_scan_range" not in [w["code"] for w in whole["warnings"]]
+    (warning,) = [w for w in cut["warnings"] if w["code"] == "lungs_cut_by_scan_range"]
+    assert "the lowest slice (the lung bases)" in warning["message"]
+    assert warning["message"] in cut["notes"]
+    row = {r["case"]: r for r in csv.DictReader((out / "results.csv").open())}[CUT_CASE]
+    assert "lungs_cut_by_scan_range" in row["warnings"].split()
+    assert cut["quantification"]["both_lungs"]["volume_ml"] < whole["quantification"]["both_lungs"]["volume_ml"]
+    assert "does not cover the whole lungs" in (out / f"{CUT_CASE}_report.html").read_text(encoding="utf-8")
+
+
+def test_p001_json_holds_the_severity_measures(real_run):
+    _, out = real_run
+    q = json.loads((out / "covidctmd_p001_ct.json").read_text())["quantification"]
+    severity = q["severity"]
+    for key in ("right_lung", "left_lung", "both_lungs"):
+        assert severity["percentage_of_opacity"][key] == q[key]["infected_percent"] > 0
+        assert 0 < severity["percentage_of_high_opacity"][key] <= severity["percentage_of_opacity"][key]
+    assert 0 < severity["zone_score"] <= severity["zone_score_max"] == 24
+    assert severity["zone_score"] == sum(severity["zone_scores"].values())
+    row = {r["case"]: r for r in csv.DictReader((out / "results.csv").open())}["covidctmd_p001_ct"]
+    assert float(row["both_po_pct"]) == severity["percentage_of_opacity"]["both_lungs"]
+    assert float(row["both_pho_pct"]) == severity["percentage_of_high_opacity"]["both_lungs"]
+    assert int(row["zone_score"]) == severity["zone_score"]
+
+
+def test_every_case_has_its_reports_and_the_batch_its_summary(real_run):
+    _, out = real_run
+    cases = REAL_CASES + [CUT_CASE, DICOM_CASE]
+    for case in cases:
+        assert (out / f"{case}_report.pdf").read_bytes()[:5] == b"%PDF-"
+        page = (out / f"{case}_report.html").read_text(encoding="utf-8")
+        assert "NOT FOR DIAGNOSTIC USE" in page
+    summary = (out / "report.html").read_text(encoding="utf-8")
+    assert all(f'<a href="{case}_report.html">{case}</a>' in summary for case in cases)
+    assert "5 case(s) segmented, 0 failed" in summary
+    # The NIfTI cases could not have DICOM outputs, and their notes say why.
+    report = json.loads((out / "lidc_0001_ct.json").read_text())
+    assert "dicom_seg" not in report["outputs"]
+    assert any(n.startswith("DICOM SEG and SR not written: the input is not a DICOM series") for n in report["notes"])
 
 
 def _phantom_file(folder: Path, name="phantom", flip_x=False) -> tuple[Path, dict]:
@@ -268,6 +312,18 @@ def test_segment_with_a_network_model(tmp_path):
                  "--quiet"]) == 0
     report = json.loads((out / "phantom.json").read_text())
     assert report["models"]["infection"] == {"id": networks[0].model_id, "version": networks[0].version,
-                                             "device": "cpu"}
+                                             "device": "cpu", "licence": networks[0].licence}
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_labels.nii.gz")))
     assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_contrast_and_metal_warnings_on_the_real_scans(real_run):
+    """LIDC-IDRI-0001 is contrast-enhanced (about two thirds of its mediastinal soft tissue at 150-600 HU) and holds
+    ~11 mL above 2500 HU; the two COVID-CT-MD scans are unenhanced and free of metal (maxima 1563 and 1679 HU)."""
+    _, out = real_run
+    codes = {name: [w["code"] for w in json.loads((out / f"{name}.json").read_text())["warnings"]]
+             for name in REAL_CASES}
+    assert "contrast_enhanced" in codes["lidc_0001_ct"] and "metal" in codes["lidc_0001_ct"]
+    for name in ("covidctmd_p001_ct", "covidctmd_normal001_ct"):
+        assert "contrast_enhanced" not in codes[name] and "metal" not in codes[name], (name, codes[name])
+        assert "implausible_lung_volume" not in codes[name] and "lung_imbalance" not in codes[name]

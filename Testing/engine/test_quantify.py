@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from COVIDLesionSegLib import LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
-from COVIDLesionSegLib.quantify import CSV_COLUMNS, ZONES, flatten_for_csv, quantify
+from COVIDLesionSegLib.quantify import (CSV_COLUMNS, SEVERITY_CSV_COLUMNS, ZONES, flatten_for_csv, quantify,
+                                       zone_score)
 
 SPACING_ZYX = (2.0, 1.0, 1.0)  # voxel = 2 mm^3 = 0.002 mL
 
@@ -155,3 +156,89 @@ def test_flatten_for_csv_matches_columns_and_report():
 def test_bad_input_is_rejected_clearly(lungs, infection, spacing, match):
     with pytest.raises(ValueError, match=match):
         quantify(lungs, infection, spacing)
+
+
+# ------------------------------------------------------------------ severity: PO, PHO and the zone score
+
+def two_box_hu(lungs, infection):
+    """HU for :func:`two_box_lungs`: aerated lung -850, ground glass -600 and, in the top half (z 30..34) of
+    the right lung's infection, consolidation -100 HU (10*5*10/2 = 250 voxels). One infection voxel sits at
+    exactly -200 HU, which is not *above* the threshold, and one at -199, which is."""
+    hu = np.full(lungs.shape, 40, np.int16)
+    hu[lungs > 0] = -850
+    hu[infection] = -600
+    hu[30:35, 6:11, 0:10] = -100
+    hu[25, 6, 0] = -200   # in the right infection's lower half: ground glass by the rule
+    hu[5, 2, 14] = -199   # in the left infection: high opacity
+    return hu
+
+
+def test_percentage_of_opacity_and_high_opacity_per_lung_and_total():
+    lungs, infection = two_box_lungs()
+    report = quantify(lungs, infection, SPACING_ZYX, hu=two_box_hu(lungs, infection))
+    severity = report["severity"]
+    # PO (Chaganti et al.): infection / lung volume = the infected percentage, from the same counts.
+    assert severity["percentage_of_opacity"] == {"right_lung": round(100 * 500 / 3000, 3),
+                                                 "left_lung": round(100 * 70 / 420, 3),
+                                                 "both_lungs": round(100 * 570 / 3420, 3)}
+    # PHO: infection voxels above -200 HU / lung volume: right 250 of 3000, left the one -199 voxel of 420.
+    assert severity["percentage_of_high_opacity"] == {"right_lung": round(100 * 250 / 3000, 3),
+                                                      "left_lung": round(100 * 1 / 420, 3),
+                                                      "both_lungs": round(100 * 251 / 3420, 3)}
+    right = report["right_lung"]
+    assert (right["high_opacity_voxels"], right["high_opacity_ml"]) == (250, pytest.approx(0.5))
+    # All of it lies in the right upper third (z 25..34) and the dorsal half.
+    assert right["zones"]["upper"]["high_opacity_percent"] == pytest.approx(25.0)
+    assert right["zones"]["dorsal"]["high_opacity_voxels"] == 250
+    assert right["zones"]["lower"]["high_opacity_voxels"] == 0
+    # Consolidation outside the infection mask (the 40 HU soft tissue) never counts.
+    assert report["both_lungs"]["high_opacity_voxels"] == 251
+    assert severity["high_opacity_threshold_hu"] == -200
+    json.dumps(report, allow_nan=False)
+
+
+def test_zone_score_of_the_six_zones():
+    """Right lung: upper third 500/1000 = 50 % -> 3, middle and lower 0; left lung: lower third 70/140 = 50 %
+    -> 3, middle and upper 0. Total 6 of 24."""
+    lungs, infection = two_box_lungs()
+    report = quantify(lungs, infection, SPACING_ZYX)
+    severity = report["severity"]
+    assert severity["zone_scores"] == {"right_upper": 3, "right_middle": 0, "right_lower": 0,
+                                       "left_upper": 0, "left_middle": 0, "left_lower": 3}
+    assert (severity["zone_score"], severity["zone_score_max"]) == (6, 24)
+    assert report["right_lung"]["zone_score"] == 3 and report["left_lung"]["zone_score"] == 3
+    assert report["both_lungs"]["zone_score"] == 6
+    assert report["right_lung"]["zones"]["upper"]["zone_score"] == 3
+    assert "zone_score" not in report["right_lung"]["zones"]["dorsal"]   # scored over the thirds only
+    # Without an HU image the high-opacity measures are undefined, not 0.
+    assert severity["percentage_of_high_opacity"] == {"right_lung": None, "left_lung": None, "both_lungs": None}
+
+
+@pytest.mark.parametrize("infected, lung, points", [
+    (0, 100, 0), (1, 100, 1), (24, 100, 1), (25, 100, 2), (49, 100, 2), (50, 100, 3), (74, 100, 3),
+    (75, 100, 4), (100, 100, 4), (1, 3, 2), (0, 0, None),
+    # exact counts, not the rounded percentage: 24.99996 % rounds to 25.000 % but is still < 25 %
+    (2_499_996, 10_000_000, 1),
+])
+def test_zone_score_scale_bounds(infected, lung, points):
+    """Wu et al. 2020: 0 none, 1 < 25 %, 2 25 to < 50 %, 3 50 to < 75 %, 4 >= 75 %."""
+    assert zone_score(infected, lung) == points
+
+
+def test_zone_score_of_a_missing_lung_counts_the_scored_zones_only():
+    lungs, infection = two_box_lungs()
+    lungs[lungs == LABEL_LEFT_LUNG] = 0
+    severity = quantify(lungs, infection, SPACING_ZYX)["severity"]
+    assert severity["zone_scores"]["left_upper"] is None
+    assert (severity["zone_score"], severity["zone_score_max"]) == (3, 12)
+    assert severity["percentage_of_opacity"]["left_lung"] is None
+
+
+def test_severity_columns_in_csv():
+    lungs, infection = two_box_lungs()
+    report = quantify(lungs, infection, SPACING_ZYX, hu=two_box_hu(lungs, infection))
+    row = flatten_for_csv(report)
+    assert row["right_po_pct"] == report["right_lung"]["infected_percent"]
+    assert row["both_pho_pct"] == round(100 * 251 / 3420, 3)
+    assert row["zone_score"] == 6
+    assert set(SEVERITY_CSV_COLUMNS) <= set(CSV_COLUMNS)

@@ -40,6 +40,19 @@ def test_exit_status_reports_the_failure(finished_batch):
     assert "Traceback" not in log
 
 
+def test_every_case_has_its_reports_and_the_batch_a_summary(finished_batch):
+    job, _, _ = finished_batch
+    for case in CASES:
+        assert (job.output / f"{case}_report.pdf").read_bytes()[:5] == b"%PDF-"
+        assert "NOT FOR DIAGNOSTIC USE" in (job.output / f"{case}_report.html").read_text(encoding="utf-8")
+        report = json.loads((job.output / f"{case}.json").read_text())
+        assert report["outputs"]["pdf_report"] == f"{case}_report.pdf"
+        assert "zone_score" in report["quantification"]["severity"]
+    summary = (job.output / "report.html").read_text(encoding="utf-8")
+    assert all(f'<a href="{case}_report.html">{case}</a>' in summary for case in CASES)
+    assert "broken_ct" in summary
+
+
 def test_results_csv_has_one_row_per_case(finished_batch):
     job, _, _ = finished_batch
     rows = {row["case"]: row for row in outputs.read_results_csv(job.output / "results.csv")}
