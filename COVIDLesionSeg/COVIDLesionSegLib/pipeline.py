@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__
 from . import catalogue, checks, io, outputs, quality, quantify
-from .errors import InputError, user_message
+from .errors import CovidLesionSegError, InputError, user_message
 from .progress import Cancelled
 from .segments import SEGMENTS
 from .volume import CTVolume

@@ -452,7 +452,7 @@ def test_warnings_go_to_python_logging(scene, caplog):
     cut = image[:, :, 9:30]
     volume = mrml.volume_node_from_image(cut, scene.scene, "cut phantom")
     with caplog.at_level(logging.WARNING, logger="COVIDLesionSeg"):
-        run = SegmentationLogic(scene.scene).process(volume, None, device="cpu", waitForCompletion=True)
+        run = SegmentationLogic(scene.scene).process(volume, None, device="cpu", wait_for_completion=True)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert run.result.warnings and all(f"COVIDLesionSeg: {w['message']}" in messages for w in run.result.warnings)
 
