@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -64,23 +65,23 @@ class SegmentationResult:
     models: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def _input_grid(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The lung labels and the infection mask as arrays on the input's grid, each reoriented once (and
+        not at all for an input stored in the canonical orientation)."""
+        lungs = self.volume.to_input_array(self.lungs)
+        infection = (None if self.infection is None
+                     else self.volume.to_input_array(self.infection.view(np.uint8)).view(bool))
+        return lungs, infection
+
     def masks_in_input_geometry(self) -> dict[str, np.ndarray]:
         """Segment name -> bool array (z, y, x) on the input's grid (overlapping segments)."""
-        masks = {
-            SEGMENTS.right_lung.name: self.lungs == LABEL_RIGHT_LUNG,
-            SEGMENTS.left_lung.name: self.lungs == LABEL_LEFT_LUNG,
-        }
-        if self.infection is not None:
-            masks[SEGMENTS.infection.name] = self.infection
-        return {name: sitk.GetArrayFromImage(self.volume.to_input_geometry(mask.astype(np.uint8))).astype(bool)
-                for name, mask in masks.items()}
+        return _segment_masks(*self._input_grid())
 
     def labelmap_in_input_geometry(self) -> sitk.Image:
         """Single labelmap (0 bg, 1 right, 2 left, 3 infection with precedence) on the input's grid."""
-        labels = self.lungs.copy()
-        if self.infection is not None:
-            labels[self.infection] = LABEL_INFECTION
-        return self.volume.to_input_geometry(labels)
+        out = sitk.GetImageFromArray(_labelmap(*self._input_grid()))
+        self.volume.input_geometry.apply_to(out)
+        return out
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable report of the case (the ``<case>.json`` file)."""
@@ -198,14 +199,39 @@ class Pipeline:
         """
         started = time.perf_counter() if started is None else started
         files = {key: Path(p).name for key, p in paths.items()}
+        lungs, infection = result._input_grid()
+        geometry = result.volume.input_geometry
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
-            outputs.write_labelmap(case.staging_path("labels"), result.labelmap_in_input_geometry())
-            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), result.masks_in_input_geometry(),
-                                            result.volume.input_geometry)
+            # The two images are compressed and read back at the same time (zlib and ITK's writer release
+            # the GIL): on two cores the slower one is the write time.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                labels = pool.submit(outputs.write_labelmap, case.staging_path("labels"),
+                                     _labelmap(lungs, infection), geometry)
+                try:
+                    outputs.write_segmentation_nrrd(case.staging_path("segmentation"),
+                                                    _segment_masks(lungs, infection), geometry)
+                finally:
+                    labels.result()
             result.timings["write"] = time.perf_counter() - started
             report = result.report()
             case.commit(report, outputs.results_row(report))
         return report
+
+
+def _segment_masks(lungs: np.ndarray, infection: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+    """Segment name -> bool mask (the overlapping segments of the ``.seg.nrrd`` and of Slicer)."""
+    masks = {SEGMENTS.right_lung.name: lungs == LABEL_RIGHT_LUNG, SEGMENTS.left_lung.name: lungs == LABEL_LEFT_LUNG}
+    if infection is not None:
+        masks[SEGMENTS.infection.name] = infection
+    return masks
+
+
+def _labelmap(lungs: np.ndarray, infection: Optional[np.ndarray]) -> np.ndarray:
+    """One uint8 labelmap: the lung labels with infection (LABEL_INFECTION) taking precedence."""
+    labels = lungs.astype(np.uint8, copy=True)
+    if infection is not None:
+        labels[infection] = LABEL_INFECTION
+    return labels
 
 
 @dataclass

@@ -100,6 +100,16 @@ class CTVolume:
         out.CopyInformation(self.image)
         return out
 
+    def to_input_array(self, array: np.ndarray) -> np.ndarray:
+        """A canonical (z, y, x) result as a (z, y, x) array on the input's grid: ``array`` itself when the
+        input is stored in the canonical orientation (most scans: no copy of the volume), otherwise the
+        array of :meth:`to_input_geometry`."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"array shape {array.shape} does not match the volume {self.shape}")
+        if self.input_geometry.orientation == CANONICAL_ORIENTATION:
+            return array
+        return sitk.GetArrayFromImage(self.to_input_geometry(array))
+
     def to_input_geometry(self, array: np.ndarray) -> sitk.Image:
         """Map a canonical (z, y, x) result back onto the input's exact grid (size, spacing, origin, direction)."""
         canonical = self.canonical_image_from_array(array)
