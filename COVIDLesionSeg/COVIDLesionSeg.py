@@ -156,6 +156,7 @@ class COVIDLesionSegParameterNode:
     model - infection model id ("" = the catalogue's default).
     device - where to run the models.
     lungsOnly - segment the lungs only.
+    fast - the fast mode (coarser grids, about twice as fast; its accuracy cost is in docs/default_models.md).
     outputSegmentation - where the segments go (None = a new segmentation is created).
     resultsTable - where the quantification goes (None = a new table is created).
     showSurfaces - also build 3D surfaces of the segments.
@@ -165,6 +166,7 @@ class COVIDLesionSegParameterNode:
     model: Annotated[str, ModelId()] = ""
     device: Device = Device.AUTO
     lungsOnly: bool = False
+    fast: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     resultsTable: vtkMRMLTableNode
     showSurfaces: bool = False
@@ -433,7 +435,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 params.inputVolume, params.outputSegmentation, model=modelId, device=params.device.value,
                 lungsOnly=params.lungsOnly, waitForCompletion=False, progressCallback=self.onProgress,
                 replaceExisting=replaceExisting, resultsTable=params.resultsTable,
-                showSurfaces=params.showSurfaces, logCallback=self.appendLog)
+                showSurfaces=params.showSurfaces, logCallback=self.appendLog, fast=params.fast)
         if self._run is None:
             self.ui.statusLabel.text = _("Not started.")
         elif not self._run.done:

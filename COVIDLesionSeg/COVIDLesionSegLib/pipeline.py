@@ -34,6 +34,10 @@ from .segments import SEGMENTS
 from .volume import CTVolume
 
 STAGES = ("read", "check", "lungs", "infection", "quantify", "write")
+#: In the notes of every case run in the fast mode (docs/default_models.md, section 8, measures its cost).
+FAST_MODE_NOTE = ("fast mode: lungs on a 3 mm grid instead of 2 mm, the built-in infection model's decisions on "
+                  "2 mm instead of 1.25 mm, a 2D infection network on every second lung slice (the others "
+                  "interpolated); volumes differ by about 1 % from a normal run")
 # Rough share of run time per stage, for an overall progress fraction.
 STAGE_WEIGHTS = {"read": 0.05, "check": 0.02, "lungs": 0.35, "infection": 0.45, "quantify": 0.03, "write": 0.10}
 
@@ -51,6 +55,7 @@ class SegmentOptions:
     overwrite: bool = False
     input_window: Optional[tuple[float, float]] = None
     allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
+    fast: bool = False                   # the fast mode: coarser grids, a note in the report (FAST_MODE_NOTE)
 
 
 @dataclass
@@ -107,31 +112,34 @@ class Pipeline:
         self.options = options or SegmentOptions()
         opts = self.options
         self.lung_model = catalogue.load_model(opts.lung_model or catalogue.default_model_id("lungs"), "lungs",
-                                               opts.device)
+                                               opts.device, fast=opts.fast)
         self.infection_model = None
         if not opts.lungs_only:
             self.infection_model = catalogue.load_model(
-                opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device)
+                opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device,
+                fast=opts.fast)
 
     # -- in memory ---------------------------------------------------------------------------------------------
     def run(self, volume: CTVolume, on_progress: Optional[StageCallback] = None,
             timings: Optional[dict[str, float]] = None) -> SegmentationResult:
         timings = {} if timings is None else timings
         notes = list(volume.notes)
+        if self.options.fast:
+            notes.append(FAST_MODE_NOTE)
 
         start = time.perf_counter()
         lungs = self.lung_model.segment(volume, progress=_stage(on_progress, "lungs"))
         timings["lungs"] = time.perf_counter() - start
 
         infection = None
-        models = {"lungs": _model_record(self.lung_model)}
+        models = {"lungs": _model_record(self.lung_model, self.options.fast)}
         if self.infection_model is not None:
             start = time.perf_counter()
             probabilities = self.infection_model.predict(volume, lungs, progress=_stage(on_progress, "infection"))
             infection = (probabilities >= self.infection_model.info.threshold) & (lungs > 0)
             del probabilities
             timings["infection"] = time.perf_counter() - start
-            models["infection"] = _model_record(self.infection_model)
+            models["infection"] = _model_record(self.infection_model, self.options.fast)
             notes.extend(getattr(self.infection_model, "notes", []))
 
         start = time.perf_counter()
@@ -340,10 +348,14 @@ def _scan_edge_note(lungs: np.ndarray, spacing_zyx) -> Optional[str]:
             "volumes and infected percentages are of the scanned part only")
 
 
-def _model_record(model) -> dict[str, str]:
+def _model_record(model, fast: bool = False) -> dict[str, Any]:
     info = model.info
     # str(): a network model's device is a torch.device, the report is JSON.
-    return {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    record: dict[str, Any] = {"id": info.model_id, "version": info.version,
+                              "device": str(getattr(model, "device", info.device))}
+    if fast:
+        record["fast"] = True
+    return record
 
 
 def _emit(callback: Optional[StageCallback], stage: str, fraction: float, message: str) -> None:

@@ -68,7 +68,10 @@ class CTVolume:
                    notes: list[str] | None = None) -> "CTVolume":
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
-        canonical = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+        # An image stored in the canonical orientation already (most scans) is used as it is: DICOMOrient
+        # would copy it (524 MB for a 512 x 512 x 1000 int16 scan) to change nothing.
+        canonical = (image if orientation_code(image) == CANONICAL_ORIENTATION
+                     else sitk.DICOMOrient(image, CANONICAL_ORIENTATION))
         return cls(image=canonical, input_geometry=Geometry.of(image), name=name, source=source,
                    notes=list(notes or []))
 

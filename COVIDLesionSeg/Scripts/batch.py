@@ -238,7 +238,7 @@ def run_batch(args) -> int:
             volume = context.load(case, name)
             run = logic.process(volume, None, model=args.model or None, device=args.device,
                                 lungsOnly=args.lungs_only, waitForCompletion=True, progressCallback=on_progress,
-                                lungModel=args.lung_model or None)
+                                lungModel=args.lung_model or None, fast=args.fast)
             report = dict(run.result.report)
             report["case"] = name
             report.setdefault("input", {})["source"] = str(case)
