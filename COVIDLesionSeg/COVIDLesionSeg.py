@@ -160,6 +160,7 @@ class COVIDLesionSegParameterNode:
     model - infection model id ("" = the catalogue's default).
     device - where to run the models.
     lungsOnly - segment the lungs only.
+    fast - the fast mode (coarser grids, about twice as fast; its accuracy cost is in docs/default_models.md).
     outputSegmentation - where the segments go (None = a new segmentation is created).
     resultsTable - where the quantification goes (None = a new table is created).
     showSurfaces - also build 3D surfaces of the segments.
@@ -169,6 +170,7 @@ class COVIDLesionSegParameterNode:
     model: Annotated[str, ModelId()] = ""
     device: Device = Device.AUTO
     lungsOnly: bool = False
+    fast: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     resultsTable: vtkMRMLTableNode
     showSurfaces: bool = False
@@ -438,7 +440,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 params.inputVolume, params.outputSegmentation, model=modelId, device=params.device.value,
                 lungsOnly=params.lungsOnly, waitForCompletion=False, progressCallback=self.onProgress,
                 replaceExisting=replaceExisting, resultsTable=params.resultsTable,
-                showSurfaces=params.showSurfaces, logCallback=self.appendLog)
+                showSurfaces=params.showSurfaces, logCallback=self.appendLog, fast=params.fast)
         if self._run is None:
             self.ui.statusLabel.text = _("Not started.")
         elif not self._run.done:
@@ -756,7 +758,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, device="auto",
                 lungsOnly: bool = False, waitForCompletion: bool = True, progressCallback=None,
                 replaceExisting=None, lungModel: Optional[str] = None, resultsTable=None,
-                useWorker: Optional[bool] = None, showSurfaces: bool = False, logCallback=None):
+                useWorker: Optional[bool] = None, showSurfaces: bool = False, logCallback=None, fast: bool = False):
         """Segment the lungs and COVID-19 infection of ``inputVolume``.
 
         Args:
@@ -777,6 +779,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
             useWorker: blocking runs only: run in a worker process (True) or in this process (None/False).
             showSurfaces: also build the closed-surface (3D) representation.
             logCallback: called with each line for the user's log.
+            fast: the fast mode (coarser grids, about twice as fast; ``covidlesionseg segment --fast``).
 
         Returns:
             a ``COVIDLesionSegLib.slicer_logic.SegmentationRun``; ``run.result`` holds the segmentation node,
@@ -791,7 +794,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
                                  device=device, lungs_only=lungsOnly, wait_for_completion=waitForCompletion,
                                  use_worker=useWorker, progress_callback=progressCallback,
                                  log_callback=logCallback, replace_existing=replaceExisting,
-                                 results_table=resultsTable, show_surfaces=showSurfaces)
+                                 results_table=resultsTable, show_surfaces=showSurfaces, fast=fast)
 
     def exportTableCsv(self, tableNode, path) -> Path:
         from COVIDLesionSegLib.mrml import write_table_csv

@@ -132,13 +132,17 @@ def get_entry(model_id: str) -> ModelEntry:
     raise ModelError(f"unknown model {model_id!r}; known models: {known} (see `covidlesionseg models list`)")
 
 
-def load_model(model_id: str, task: str, device: str = "auto"):
-    """Instantiate the model ``model_id`` for ``task`` ("lungs" or "infection") on ``device``."""
+def load_model(model_id: str, task: str, device: str = "auto", fast: bool = False):
+    """Instantiate the model ``model_id`` for ``task`` ("lungs" or "infection") on ``device``.
+
+    ``fast``: the fast mode (coarser grids for the built-in models; every second lung slice, the others
+    interpolated, for a 2D infection network; nothing for other networks).
+    """
     entry = get_entry(model_id)
     if entry.task != task:
         raise ModelError(f"model {model_id!r} segments {entry.task}, not {task}")
     if entry.source == "built-in":
-        return HULungModel() if task == "lungs" else HUInfectionModel()
+        return HULungModel(fast) if task == "lungs" else HUInfectionModel(fast)
     if not entry.available:
         hint = (f"download it with `covidlesionseg models download {model_id}` or import a copy with "
                 "`covidlesionseg models import FILE`") if entry.url else "reinstall the extension"
@@ -147,7 +151,8 @@ def load_model(model_id: str, task: str, device: str = "auto"):
     from .network_predictor import NetworkModel
 
     try:
-        return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256)
+        return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256,
+                            slice_step=2 if fast and task == "infection" else 1)
     except CheckpointError as exc:
         # The file is damaged, replaced or foreign: how to get a good copy depends on where it came from,
         # which only the catalogue knows.

@@ -1,7 +1,7 @@
 """The ``covidlesionseg`` command (README, "Command line").
 
     covidlesionseg segment INPUT [INPUT ...] -o OUTDIR [--model ID] [--lung-model ID]
-                   [--device auto|cpu|cuda] [--lungs-only] [--overwrite] [--input-window LEVEL,WIDTH]
+                   [--device auto|cpu|cuda] [--lungs-only] [--fast] [--overwrite] [--input-window LEVEL,WIDTH]
                    [--allow-slice-gaps] [--dicom] [--no-report]
     covidlesionseg demo [-o OUTDIR]
     covidlesionseg evaluate --pred P --ref R [--tau MM]
@@ -122,13 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --lung-model, --device, --lungs-only: shared by this CLI, the Slicer worker and batch.py."""
+    """--model, --lung-model, --device, --lungs-only, --fast: shared by this CLI, the Slicer worker and
+    batch.py."""
     p.add_argument("--model", default=None, metavar="ID", help="infection model id (see `models list`)")
     p.add_argument("--lung-model", default=None, metavar="ID", help="lung model id (default: the catalogue's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where network models run: auto (the GPU when CUDA is available, else the CPU), cpu or "
                         "cuda; the built-in HU models always run on the CPU (default: auto)")
     p.add_argument("--lungs-only", action="store_true", help="segment the lungs only, no infection")
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: coarser grids (lungs 3 mm, infection decisions 2 mm, a 2D network on every "
+                        "second slice), about twice as fast; the accuracy cost is in docs/default_models.md")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -147,7 +151,8 @@ def _options(args):
                           lungs_only=args.lungs_only, overwrite=getattr(args, "overwrite", False),
                           input_window=getattr(args, "input_window", None),
                           allow_slice_gaps=getattr(args, "allow_slice_gaps", False),
-                          dicom=getattr(args, "dicom", False), case_report=getattr(args, "case_report", True))
+                          dicom=getattr(args, "dicom", False), case_report=getattr(args, "case_report", True),
+                          fast=getattr(args, "fast", False))
 
 
 def device_note(args) -> Optional[str]:

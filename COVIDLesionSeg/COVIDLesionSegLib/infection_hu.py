@@ -89,6 +89,7 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .preprocessing import bounding_box
 from .progress import ProgressCallback, report
 from .volume import stable_spacing
 
@@ -102,22 +103,20 @@ VESSEL_HALO_MM = 2.0
 FRINGE_MM = 1.5
 MIN_COMPONENT_ML = 0.1
 WORKING_SPACING_MM = 1.25
+#: The fast mode's grid for the decisions (``segment_infection_hu(fast=True)``): the lung mask's 2 mm.
+FAST_WORKING_SPACING_MM = 2.0
+#: The full-resolution steps run in axial slabs of at most this many voxels (float32: 4 bytes each, and
+#: ITK's smoothing holds a few such images): 32 M voxels is a 512 x 512 x 120 crop, so the lung crop of an
+#: ordinary scan (about 150-250 slices) is one slab and that of a 1000-slice scan takes about five.
+SLAB_VOXELS = 32_000_000
+#: Extra slices smoothed on each side of a slab: the recursive Gaussian's response has decayed below float32
+#: rounding of HU values by then (sigma 1 mm; 12 sigma), so a slab's core is smoothed as in the whole crop.
+SLAB_HALO_MM = 12.0
 
 
 def _radius_voxels(radius_mm: float, spacing_xyz: Sequence[float]) -> list[int]:
     """Per-axis kernel radius (SimpleITK x, y, z order) approximating a ball of ``radius_mm``."""
     return [max(0, int(round(radius_mm / s))) for s in spacing_xyz]
-
-
-def _bbox(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
-    slices = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo = max(0, int(idx[0]) - margin[axis])
-        hi = min(mask.shape[axis], int(idx[-1]) + 1 + margin[axis])
-        slices.append(slice(lo, hi))
-    return tuple(slices)
 
 
 def _check_inputs(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
@@ -132,7 +131,8 @@ def _check_inputs(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequence[float
 
 
 def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequence[float],
-                         progress: Optional[ProgressCallback] = None) -> np.ndarray:
+                         progress: Optional[ProgressCallback] = None, fast: bool = False,
+                         slab_voxels: int = SLAB_VOXELS) -> np.ndarray:
     """Infection mask from Hounsfield bands inside the lungs (method in the module docstring).
 
     Args:
@@ -141,6 +141,14 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
             value counts as lung).
         spacing_zyx: voxel size in mm in array axis order.
         progress: optional ``callback(fraction, message)``; it may raise ``Cancelled`` between steps.
+        fast: the fast mode: the decisions (steps 3-6) on a grid of :data:`FAST_WORKING_SPACING_MM`
+            instead of :data:`WORKING_SPACING_MM` (the lung mask's 2 mm); smoothing and the band test stay
+            at full resolution. The cost in accuracy is measured in ``docs/default_models.md`` section 8.
+        slab_voxels: the full-resolution steps (the float32 crop, its smoothing, the band test, the
+            resampling to the working grid) run in axial slabs of at most about this many voxels, each
+            with :data:`SLAB_HALO_MM` of extra slices on both sides for the smoothing, so memory stays
+            bounded on 1000-slice scans. A scan whose crop fits runs as one slab; the slabs give the same
+            mask (``test_slabs_give_the_unsplit_result``).
 
     Returns:
         bool array of the CT's shape; True = infection (ground glass or consolidation). Empty when the lung
@@ -159,25 +167,55 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
     report(progress, 0.0, "cropping to the lungs")
     # Margin so that the Gaussian does not see the crop edge inside the lungs (3 sigma).
     margin = [int(math.ceil(3 * SMOOTHING_SIGMA_MM / s)) + 1 for s in sp_zyx]
-    box = _bbox(lung_mask, margin)
+    box = bounding_box(lung_mask, margin)
     lung_full = lung_mask[box]
-
-    report(progress, 0.1, "smoothing")
-    smooth_img = sitk.SmoothingRecursiveGaussian(_image(np.asarray(hu[box], dtype=np.float32), spacing_xyz),
-                                                 SMOOTHING_SIGMA_MM)  # sigma in mm
-    smooth_full = sitk.GetArrayViewFromImage(smooth_img)
-    in_band_full = (smooth_full >= GGO_BAND_HU[0]) & (smooth_full <= CONSOLIDATION_BAND_HU[1])
+    crop = hu[box]
 
     # Structure decisions (erosion, openings, components) on a grid of about WORKING_SPACING_MM: the
     # kernels are a few voxels there and the grid has ~3x fewer voxels than 0.75 mm pixels, which is what
     # makes a 512x512x150 CT take seconds. Boundaries come back from the full-resolution band at the end.
-    grid = _working_grid(smooth_img)
-    smooth = sitk.Resample(smooth_img, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
-    lung_frac = sitk.Resample(_image(lung_full.astype(np.float32), spacing_xyz), grid, sitk.Transform(),
-                              sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    reference = _geometry(crop.shape, spacing_xyz)
+    grid = _working_grid(reference, FAST_WORKING_SPACING_MM if fast else WORKING_SPACING_MM)
+    smooth_np = np.empty(sitk.GetArrayViewFromImage(grid).shape, np.float32)
+    lung_np = np.empty(smooth_np.shape, np.float32)
+    in_band_full = np.empty(crop.shape, bool)
+    report(progress, 0.1, "smoothing")
+    for core, region, rows in _slabs(crop.shape, sp_zyx, grid, slab_voxels):
+        # The slab goes to ITK as it is stored (int16 for HU) and is cast there (multithreaded, one copy
+        # fewer); only its core's smoothed values are kept, the halo's are the slab edge's.
+        smooth_img = sitk.SmoothingRecursiveGaussian(
+            sitk.Cast(_image(crop[region], spacing_xyz, region.start * sp_zyx[0]), sitk.sitkFloat32),
+            SMOOTHING_SIGMA_MM)  # sigma in mm
+        smooth_view = sitk.GetArrayViewFromImage(smooth_img)[core.start - region.start:core.stop - region.start]
+        in_band_full[core] = (smooth_view >= GGO_BAND_HU[0]) & (smooth_view <= CONSOLIDATION_BAND_HU[1])
+        if rows.stop > rows.start:
+            sub = _rows_of(grid, rows)
+            # (Views only of images held by a name: a view of a temporary image dangles once it is freed.)
+            resampled = sitk.Resample(smooth_img, sub, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+            smooth_np[rows] = sitk.GetArrayViewFromImage(resampled)
+            # Linear interpolation of the 0/1 mask, computed in double by ITK from uint8 as from float32
+            # (the same fractions), without a float32 copy of the crop.
+            lung_img = _image(lung_full[region].view(np.uint8), spacing_xyz, region.start * sp_zyx[0])
+            resampled = sitk.Resample(lung_img, sub, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            lung_np[rows] = sitk.GetArrayViewFromImage(resampled)
+            del resampled, lung_img
+        del smooth_img, smooth_view
+    smooth = _like(smooth_np, grid)
+    lung_frac = _like(lung_np, grid)
     lung_low = sitk.BinaryThreshold(lung_frac, 0.5, 2.0, 1, 0)
-    low_spacing = lung_low.GetSpacing()
+    del smooth_np, lung_np, lung_frac
+    kept = _decide(smooth, lung_low, progress)
 
+    report(progress, 0.9, "back to full resolution")
+    kept_full = sitk.Resample(kept, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out[box] = sitk.GetArrayViewFromImage(kept_full).view(bool) & in_band_full & lung_full
+    report(progress, 1.0, "infection baseline done")
+    return out
+
+
+def _decide(smooth: sitk.Image, lung_low: sitk.Image, progress: Optional[ProgressCallback]) -> sitk.Image:
+    """Steps 3-6 of the module docstring on the working grid: the kept opacity (uint8 image)."""
+    low_spacing = lung_low.GetSpacing()
     report(progress, 0.25, "eroding the lung boundary")
     # Pad by one voxel of background so that lungs touching the crop/array edge are eroded there too.
     pad = [1, 1, 1]
@@ -209,23 +247,69 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
     report(progress, 0.8, "removing small components")
     low_voxel_ml = float(np.prod(low_spacing)) / 1000.0
     components = sitk.ConnectedComponent(opened, True)  # full (26-)connectivity
-    kept = sitk.RelabelComponent(components, int(math.ceil(MIN_COMPONENT_ML / low_voxel_ml))) > 0
-
-    report(progress, 0.9, "back to full resolution")
-    kept_full = sitk.Resample(kept, smooth_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    out[box] = sitk.GetArrayViewFromImage(kept_full).astype(bool) & in_band_full & lung_full
-    report(progress, 1.0, "infection baseline done")
-    return out
+    return sitk.Cast(sitk.RelabelComponent(components, int(math.ceil(MIN_COMPONENT_ML / low_voxel_ml))) > 0,
+                     sitk.sitkUInt8)
 
 
-def _working_grid(image: sitk.Image) -> sitk.Image:
-    """An empty image covering the same physical extent with voxels of about ``WORKING_SPACING_MM``.
+def _slabs(shape: Sequence[int], sp_zyx: Sequence[float], grid: sitk.Image, slab_voxels: int):
+    """Axial slabs of the full-resolution crop: (core, region, rows) per slab.
+
+    ``core`` (full-resolution slices) partition the crop; ``region`` is the core plus SLAB_HALO_MM of slices
+    on each side (what is smoothed); ``rows`` are the working-grid slices whose linear interpolation reads
+    full-resolution slices inside the core (plus the next one, inside the halo), so each working slice is
+    resampled from exactly one slab.
+    """
+    nz = int(shape[0])
+    per_slice = int(np.prod(shape[1:]))
+    halo = int(math.ceil(SLAB_HALO_MM / sp_zyx[0]))
+    size = max(1, int(slab_voxels) // per_slice - 2 * halo)
+    if nz * per_slice <= slab_voxels:
+        size = nz
+    # Full-resolution slice (continuous index, origin 0) of each working slice centre, and the slab holding it.
+    n_rows = grid.GetSize()[2]
+    centre = (grid.GetOrigin()[2] + np.arange(n_rows) * grid.GetSpacing()[2]) / sp_zyx[0]
+    first = np.clip(np.floor(centre), 0, nz - 1).astype(int)
+    for start in range(0, nz, size):
+        stop = min(nz, start + size)
+        core = slice(start, stop)
+        region = slice(max(0, start - halo), min(nz, stop + halo))
+        inside = np.flatnonzero((first >= start) & (first < stop))
+        rows = slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
+        yield core, region, rows
+
+
+def _geometry(shape_zyx: Sequence[int], spacing_xyz: Sequence[float]) -> sitk.Image:
+    """An empty (1-voxel-deep in memory terms: uint8) image with the crop's geometry, origin 0."""
+    image = sitk.Image([int(n) for n in reversed(shape_zyx)], sitk.sitkUInt8)
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    return image
+
+
+def _rows_of(grid: sitk.Image, rows: slice) -> sitk.Image:
+    """The working-grid slices ``rows`` as an image of their own (same spacing, shifted origin)."""
+    size = list(grid.GetSize())
+    size[2] = rows.stop - rows.start
+    sub = sitk.Image(size, sitk.sitkUInt8)
+    sub.SetSpacing(grid.GetSpacing())
+    sub.SetOrigin(grid.TransformIndexToPhysicalPoint((0, 0, rows.start)))
+    sub.SetDirection(grid.GetDirection())
+    return sub
+
+
+def _like(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    return image
+
+
+def _working_grid(image: sitk.Image, working_spacing_mm: float = WORKING_SPACING_MM) -> sitk.Image:
+    """An empty image covering the same physical extent with voxels of about ``working_spacing_mm``.
 
     Axes already coarser than that (e.g. 2 mm slices) keep their spacing and grid.
     """
     spacing = np.array(image.GetSpacing())
     size = np.array(image.GetSize())
-    new_spacing = np.maximum(spacing, WORKING_SPACING_MM)
+    new_spacing = np.maximum(spacing, working_spacing_mm)
     new_size = np.maximum(1, np.ceil(size * spacing / new_spacing - 1e-6)).astype(int)
     # Same outer edge of the first voxel: origin is a voxel centre, so shift by half a voxel difference.
     origin = np.array(image.GetOrigin()) + (new_spacing - spacing) / 2.0
@@ -236,9 +320,12 @@ def _working_grid(image: sitk.Image) -> sitk.Image:
     return grid
 
 
-def _image(array: np.ndarray, spacing_xyz: Sequence[float]) -> sitk.Image:
+def _image(array: np.ndarray, spacing_xyz: Sequence[float], z0_mm: float = 0.0) -> sitk.Image:
+    """The crop (or slab) as an image: crop coordinates (origin 0), a slab starting ``z0_mm`` along z."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(spacing_xyz))
+    if z0_mm:
+        image.SetOrigin((0.0, 0.0, float(z0_mm)))
     return image
 
 

@@ -58,10 +58,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from . import progress as _progress
 from .errors import InputError
+from .preprocessing import bounding_box
 from .progress import ProgressCallback
 from .volume import stable_spacing
 
@@ -90,6 +92,12 @@ class LungMaskParams:
     rib_distance_mm: float = 20.0
     max_concavity_fraction: float = 0.5
     bone_hu: float = 200.0
+
+
+#: The fast mode's grid (``HULungModel(fast=True)``, ``covidlesionseg segment --fast``): about 3.4 times fewer
+#: voxels than 2 mm for the steps after the block means; docs/default_models.md section 8 measures the cost.
+FAST_TARGET_SPACING_MM = 3.0
+FAST_PARAMS = LungMaskParams(target_spacing_mm=FAST_TARGET_SPACING_MM)
 
 
 def segment_lungs(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
@@ -146,18 +154,29 @@ def segment_lungs(hu: np.ndarray, spacing_zyx: tuple[float, float, float],
     right, left = _find_lungs(low, air, body, low_spacing, voxel_ml, params)
 
     _progress.report(progress, 0.6, "lungs: filling vessels and dense lesions")
-    not_bone = low < params.bone_hu
-    allowed = body & not_bone
-    bone = (low > params.bone_hu) & body
-    near_bone = ndi.distance_transform_edt(~bone, sampling=low_spacing) <= params.rib_distance_mm
+    # Every repair stays inside the lungs' bounding box plus 3 voxels (each lung's closing works on its own
+    # box, the envelopes on each slice's lung box + 3 voxels, the hole filling needs one voxel of margin), so
+    # they run on that box (~40 % of the grid), with the bone distances from bone up to rib_distance_mm
+    # outside it: the same masks as on the whole grid.
+    aerated = right | left
+    box = bounding_box(aerated, 3)
+    reach = bounding_box(aerated, [3 + int(np.ceil(params.rib_distance_mm / s)) + 1 for s in low_spacing])
+    inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, reach))
+    bone = (low[reach] > params.bone_hu) & body[reach]
+    near_bone = (squared_distance_to(bone, low_spacing) <= params.rib_distance_mm ** 2)[inner]
+    allowed = body[box] & (low[box] < params.bone_hu) & ~airway_wall[box]
+    right_box, left_box = right[box], left[box]
+    envelopes = _costal_envelopes(right_box, left_box, near_bone, low_spacing, params)
     repaired = []
-    for lung, other in ((right, left), (left, right)):
+    for lung, other, envelope in ((right_box, left_box, envelopes[0]), (left_box, right_box, envelopes[1])):
         m = _close3d(lung, low_spacing, params.closing_radius_mm)
-        m |= _costal_envelope(lung, right | left, near_bone, low_spacing, params)
-        m &= allowed & ~airway_wall & ~other
-        m = ndi.binary_fill_holes(m | lung, structure=_SLICE_STRUCTURE)
+        m |= envelope
+        m &= allowed & ~other
+        m = fill_holes_2d(m | lung)
         repaired.append(_largest_component(m))
-    right, left = _resolve_overlap(repaired[0], repaired[1], right, left)
+    right_box, left_box = _resolve_overlap(repaired[0], repaired[1], right_box, left_box)
+    right, left = np.zeros_like(right), np.zeros_like(left)
+    right[box], left[box] = right_box, left_box
     _progress.report(progress, 0.85, "lungs: upsampling")
     labels = _upsample_labels(right, left, factors, hu.shape)
     if not (labels == RIGHT).any() or not (labels == LEFT).any():  # pragma: no cover - guarded by _find_lungs
@@ -202,7 +221,41 @@ def _body_mask(low: np.ndarray, params: LungMaskParams) -> np.ndarray:
     # A small in-plane opening detaches the table and thin blankets that touch the skin.
     tissue = ndi.binary_opening(tissue, structure=_SLICE_STRUCTURE, iterations=1)
     body = _largest_component(tissue)
-    return ndi.binary_fill_holes(body, structure=_SLICE_STRUCTURE)
+    return fill_holes_2d(body)
+
+
+def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Holes filled in every axial slice: ``ndi.binary_fill_holes(mask, structure=_SLICE_STRUCTURE)``.
+
+    The same result from one labelling of the background (4-connected in each slice) instead of scipy's
+    iterative propagation from the border, which took ~0.2 s per call on a 2 mm lung grid: a background
+    component is a hole exactly when it touches no in-plane edge of its slice (the slice structure has no
+    z neighbours, so the first and last slices' faces are not "outside").
+    """
+    background, n = ndi.label(~mask, structure=_SLICE_STRUCTURE)
+    outside = np.zeros(n + 1, bool)
+    for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False          # label 0 is the mask itself
+    return ~outside[background]
+
+
+def squared_distance_to(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Squared Euclidean distance in mm^2 (float32) from every voxel to the nearest voxel of ``mask``.
+
+    Zero or negative inside ``mask`` (so ``<= r ** 2`` holds there), ``inf`` everywhere for an empty mask.
+    The same distances as ``ndi.distance_transform_edt(~mask, sampling=spacing) ** 2`` (both are exact
+    Euclidean transforms), from ITK's Maurer filter: it runs on every core and skips scipy's float64
+    feature transform, about 3x faster on two cores for a 2 mm lung grid. Squared, so thresholds are
+    compared without a square root (the thresholds used here are exact in float32).
+    """
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=True,
+                                            useImageSpacing=True, backgroundValue=0.0)
+    return sitk.GetArrayFromImage(distance)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -295,18 +348,21 @@ def _airway_tree(low: np.ndarray, body: np.ndarray, spacing: tuple[float, float,
     # arbitrary; instead growth is limited by the threshold and the explosion test.
     candidates = low.copy()
     candidates[~body] = 1000.0
-    seed_idx = tuple(np.array(seeds).T)
+    image = sitk.GetImageFromArray(candidates)
+    seed_values = candidates[tuple(np.array(seeds).T)]
     best = empty
     previous_ml = 0.0
-    structure = ndi.generate_binary_structure(3, 1)
     for threshold in np.arange(-990.0, -840.0, 10.0):
-        below = candidates < threshold
-        if not below[seed_idx].any():
+        inside = [s for s, v in zip(seeds, seed_values) if v < threshold]
+        if not inside:
             continue
-        lab, _ = ndi.label(below, structure=structure)
-        ids = np.unique(lab[seed_idx])
-        ids = ids[ids > 0]
-        grown = np.isin(lab, ids)
+        # The 6-connected component(s) of "below the threshold" holding the seeds, grown from the seeds
+        # (ITK's flood fill visits only the grown region; labelling the whole grid at each of the 15
+        # thresholds cost ~0.5 s). Its range is inclusive: the largest float32 below the threshold.
+        upper = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+        grown = sitk.GetArrayFromImage(sitk.ConnectedThreshold(
+            image, seedList=[(x, y, z) for z, y, x in inside], lower=-np.inf, upper=upper, replaceValue=1,
+            connectivity=sitk.ConnectedThresholdImageFilter.FaceConnectivity)).view(bool)
         ml = grown.sum() * voxel_ml
         exploded = ml > params.airway_max_ml or (previous_ml > 0 and ml > 2.0 * previous_ml
                                                   and ml - previous_ml > 50.0)
@@ -392,9 +448,9 @@ def _split_component(component: np.ndarray, body: np.ndarray,
     sl = ndi.find_objects(component.astype(np.uint8))[0]
     sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
     comp = component[sl]
-    depth = ndi.distance_transform_edt(comp, sampling=spacing)
+    depth_sq = squared_distance_to(~comp, spacing)
     for d in np.arange(2.0, 31.0, 1.0):
-        lab, n = ndi.label(depth > d)
+        lab, n = ndi.label(depth_sq > d * d)
         if n < 2:
             if n == 0:
                 break
@@ -434,15 +490,15 @@ def _close3d(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: f
     # Pad with zeros beyond the array so that the ball can roll around lungs touching the border.
     inner = mask[sl]
     padded = np.pad(inner, [(p, p) for p in pad])
-    dilated = ndi.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
-    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    dilated = squared_distance_to(padded, spacing) <= radius_mm ** 2
+    closed = squared_distance_to(~dilated, spacing) > radius_mm ** 2
     core = closed[pad[0]:pad[0] + inner.shape[0], pad[1]:pad[1] + inner.shape[1], pad[2]:pad[2] + inner.shape[2]]
     out[sl] = core | inner
     return out
 
 
-def _costal_envelope(lung: np.ndarray, both: np.ndarray, near_bone: np.ndarray,
-                     spacing: tuple[float, float, float], params: LungMaskParams) -> np.ndarray:
+def _costal_envelopes(right: np.ndarray, left: np.ndarray, near_bone: np.ndarray,
+                      spacing: tuple[float, float, float], params: LungMaskParams) -> tuple[np.ndarray, np.ndarray]:
     """Concavities of the lung's costal side, slice by slice (consolidation / nodules on the pleura).
 
     In each axial slice the convex hull of the lung is taken: the costal surface of a lung is convex,
@@ -461,47 +517,111 @@ def _costal_envelope(lung: np.ndarray, both: np.ndarray, near_bone: np.ndarray,
     grown outwards by the arc's sagitta (w^2 / 8R for a lid of length w on a local radius R), at least
     one voxel for lids of 10 mm or more; the caller clips it to the body and to non-bone voxels.
 
+    Both lungs are done in one pass over the slices: the outer hull, its neighbourhood and the crop are
+    the same for both, and each concavity's size, lid and lid contact are counted for all concavities of a
+    slice at once (``np.bincount`` on their labels); only the kept ones are handled one by one. Each lung's
+    hull is computed on its own bounding box (the hull cannot leave it).
+
     Limitation: when a lesion at the tip of a lung piece merges with a mediastinal or diaphragmatic
     concavity into one concavity (e.g. a basal crescent whose costal end is consolidated), the whole
     concavity is rejected and the lesion is recovered only within the closing radius.
     """
-    from skimage.morphology import convex_hull_image
-
-    nz, ny, nx = lung.shape
+    both = right | left
+    nz, ny, nx = both.shape
     _, sy, sx = spacing
     px = max(sy, sx)
-    out = np.zeros_like(lung)
+    outs = (np.zeros_like(right), np.zeros_like(left))
     ring = ndi.generate_binary_structure(2, 2)
-    for z in np.nonzero(lung.any(axis=(1, 2)))[0]:
+    for z in np.nonzero(both.any(axis=(1, 2)))[0]:
         found = ndi.find_objects(both[z].astype(np.uint8))[0]
         sl = tuple(slice(max(a.start - 3, 0), min(a.stop + 3, n)) for a, n in zip(found, (ny, nx)))
-        piece, union = lung[z][sl], both[z][sl]
-        if piece.sum() < 4:
-            continue
-        hull = convex_hull_image(piece)
-        cand = hull & ~piece
-        if not cand.any():
-            continue
-        outer = convex_hull_image(union)
-        near_outside = ndi.binary_dilation(~outer, ring)
-        lid_all = hull & ~ndi.binary_erosion(hull, ring, border_value=0)
-        lab, n = ndi.label(cand, ring)
+        union = both[z][sl]
         radius = 0.5 * np.hypot((sl[0].stop - sl[0].start) * sy, (sl[1].stop - sl[1].start) * sx)
-        for i, obj in enumerate(ndi.find_objects(lab), start=1):
-            comp = lab == i
-            lid = comp & lid_all
-            if comp.sum() > params.max_concavity_fraction * piece.sum():
-                continue  # the dome of the liver/spleen under a thin basal crescent, not a lesion
-            if lid.sum() == 0 or (lid & near_outside & near_bone[z][sl]).sum() < params.lid_contact * lid.sum():
+        near_outside = None
+        for lung, out in zip((right, left), outs):
+            piece = lung[z][sl]
+            piece_voxels = int(np.count_nonzero(piece))
+            if piece_voxels < 4:
                 continue
-            ys, xs = np.nonzero(lid)
-            width = np.hypot((ys.max() - ys.min()) * sy, (xs.max() - xs.min()) * sx)
-            # Local radius of the costal surface: about a third of the thorax's half-width (the
-            # posterolateral curvature); at least one voxel since the chord cuts boundary voxels.
-            if width >= 10.0:  # tiny concavities are boundary noise: take them as they are
+            own = ndi.find_objects(piece.astype(np.uint8))[0]
+            hull = np.zeros_like(piece)
+            hull[own] = convex_hull_2d(piece[own])
+            cand = hull & ~piece
+            if not cand.any():
+                continue
+            if near_outside is None:
+                near_outside = ndi.binary_dilation(~convex_hull_2d(union), ring) & near_bone[z][sl]
+            lid_all = hull & ~ndi.binary_erosion(hull, ring, border_value=0)
+            lab, n = ndi.label(cand, ring)
+            size = np.bincount(lab.ravel(), minlength=n + 1)
+            lid = np.bincount(lab[lid_all], minlength=n + 1)
+            contact = np.bincount(lab[lid_all & near_outside], minlength=n + 1)
+            # Kept: not the dome of the liver/spleen under a thin basal crescent (too large a share of the
+            # slice's lung), and a lid on the rib cage (on the outer hull of both lungs, near bone).
+            keep = (size <= params.max_concavity_fraction * piece_voxels) & (lid > 0) & (
+                contact >= params.lid_contact * lid)
+            keep[0] = False
+            if not keep.any():
+                continue
+            objects = ndi.find_objects(lab)
+            target = out[z][sl]
+            for i in np.flatnonzero(keep):
+                obj = objects[i - 1]
+                comp = lab[obj] == i
+                ys, xs = np.nonzero(comp & lid_all[obj])
+                width = np.hypot((ys.max() - ys.min()) * sy, (xs.max() - xs.min()) * sx)
+                # Local radius of the costal surface: about a third of the thorax's half-width (the
+                # posterolateral curvature); at least one voxel since the chord cuts boundary voxels.
+                if width < 10.0:  # tiny concavities are boundary noise: take them as they are
+                    target[obj] |= comp
+                    continue
                 grow = max(1, int(round(width * width / (8.0 * max(radius / 3.0, 1.0)) / px)))
-                comp = comp | (ndi.binary_dilation(comp, ring, iterations=grow) & ~hull)
-            out[z][sl] |= comp
+                # The dilation reaches ``grow`` voxels beyond the concavity: work on that window only.
+                win = tuple(slice(max(o.start - grow, 0), min(o.stop + grow, n_)) for o, n_ in zip(obj, lab.shape))
+                comp = lab[win] == i
+                target[win] |= comp | (ndi.binary_dilation(comp, ring, iterations=grow) & ~hull[win])
+    return outs
+
+
+def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+    """The convex hull image of a 2D mask, exactly as ``skimage.morphology.convex_hull_image`` defines it.
+
+    The hull is that of the pixels' edge midpoints (each pixel (r, c) contributes (r +- 0.5, c) and
+    (r, c +- 0.5)); a pixel belongs to it when its centre lies inside or on the hull. Why not skimage's
+    function: it tests every pixel of the image against every hull edge and imports most of skimage,
+    and the costal envelope calls it ~400 times per scan (0.7 s of CPU on P001). Here the hull comes from
+    scipy's qhull on the row extremes (the other pixels' midpoints lie on segments between theirs), and
+    each row is filled between bounds solved from the edges in integer arithmetic (coordinates doubled
+    to integers), so the result is the same pixel for pixel (``test_convex_hull_2d_matches_skimage``).
+    """
+    from scipy.spatial import ConvexHull
+
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return out
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    r2, lo, hi = 2 * rows, 2 * first, 2 * last
+    points = np.unique(np.concatenate([
+        np.stack([r2 - 1, lo], 1), np.stack([r2 + 1, lo], 1), np.stack([r2, lo - 1], 1),
+        np.stack([r2 - 1, hi], 1), np.stack([r2 + 1, hi], 1), np.stack([r2, hi + 1], 1)]), axis=0)
+    hull = ConvexHull(points.astype(np.float64))
+    v = points[hull.vertices].astype(np.int64)          # counter-clockwise in the (row, col) plane
+    e = np.roll(v, -1, axis=0) - v
+    # Pixel (r, c) at doubled coordinates (2r, 2c) is inside or on the hull when for every edge i
+    # e_i0 * (2c - v_i1) - e_i1 * (2r - v_i0) >= 0, i.e. 2 e_i0 c >= e_i0 v_i1 + e_i1 (2r - v_i0).
+    r = np.arange(rows[0], rows[-1] + 1)
+    rhs = e[None, :, 0] * v[None, :, 1] + e[None, :, 1] * (2 * r[:, None] - v[None, :, 0])
+    a = 2 * e[:, 0]
+    big = np.int64(1) << 40
+    lower = np.where(a > 0, -((-rhs) // np.where(a > 0, a, 1)), -big).max(axis=1)         # ceil
+    upper = np.where(a < 0, rhs // np.where(a < 0, a, -1), big).min(axis=1)              # floor
+    ok = np.where(a == 0, rhs <= 0, True).all(axis=1)
+    lower, upper = np.maximum(lower, 0), np.minimum(upper, mask.shape[1] - 1)
+    cols = np.arange(mask.shape[1])
+    out[r] = ok[:, None] & (cols[None, :] >= lower[:, None]) & (cols[None, :] <= upper[:, None])
     return out
 
 
@@ -510,8 +630,8 @@ def _resolve_overlap(a: np.ndarray, b: np.ndarray, a_seed: np.ndarray,
     """Give voxels claimed by both repaired lungs to the lung whose aerated part is nearer."""
     both = a & b
     if both.any():
-        da = ndi.distance_transform_edt(~a_seed)
-        db = ndi.distance_transform_edt(~b_seed)
+        da = squared_distance_to(a_seed, (1.0, 1.0, 1.0))
+        db = squared_distance_to(b_seed, (1.0, 1.0, 1.0))
         to_a = both & (da <= db)
         a = a & ~(both & ~to_a)
         b = b & ~to_a
@@ -528,35 +648,51 @@ def _interp_weights(n_full: int, factor: int, n_low: int) -> tuple[np.ndarray, n
 
 
 def _upsample_labels(right: np.ndarray, left: np.ndarray, factors: tuple[int, int, int],
-                     shape: tuple[int, ...], slab: int = 16) -> np.ndarray:
+                     shape: tuple[int, ...]) -> np.ndarray:
     """Labels on the full grid: per-slice bilinear interpolation of each lung mask, nearest block in z.
 
-    Done slab by slab with gathers (no full-resolution float volume is ever held), and the union and
-    the side are decided from the two interpolated masks so the labels stay disjoint.
+    A full-resolution voxel is the right lung where the interpolated right mask ``pr`` and left mask
+    ``pl`` give ``pr + pl >= 0.5`` and ``pr >= pl``, the left lung where ``pr + pl >= 0.5`` and ``pr < pl``.
+    Where the four low-resolution voxels around it agree (everywhere except a band of about one block
+    along the lung borders) that is simply their label, so only the voxels of that band are interpolated
+    (the same float32 arithmetic, hence the same labels as interpolating every voxel, ~10x faster).
+    Each distinct low-resolution slice is upsampled once and copied to the full slices it covers, so no
+    full-resolution float volume is ever held.
     """
     fz, fy, fx = factors
     nz, ny, nx = shape
     out = np.zeros(shape, np.uint8)
+    iz = np.minimum(np.arange(nz) // fz, right.shape[0] - 1)
     if fy == 1 and fx == 1:
-        iz = np.minimum(np.arange(nz) // fz, right.shape[0] - 1)
         out[right[iz]] = RIGHT
         out[left[iz]] = LEFT
         return out
     y0, y1, wy = _interp_weights(ny, fy, right.shape[1])
     x0, x1, wx = _interp_weights(nx, fx, right.shape[2])
-    wy, wx = wy[None, :, None], wx[None, None, :]
-
-    def up(m: np.ndarray) -> np.ndarray:
-        m = m.astype(np.float32)
-        t = m[:, y0, :] * (1.0 - wy) + m[:, y1, :] * wy
-        return t[:, :, x0] * (1.0 - wx) + t[:, :, x1] * wx
-
-    for z0 in range(0, nz, slab):
-        z1 = min(z0 + slab, nz)
-        iz = np.minimum(np.arange(z0, z1) // fz, right.shape[0] - 1)
-        r, l = right[iz], left[iz]
-        if not (r.any() or l.any()):
+    code = right.astype(np.uint8) * RIGHT + left.astype(np.uint8) * LEFT   # 3 only if they overlap
+    mixed = 255
+    ly, lx = code.shape[1:]
+    yn, xn = np.minimum(np.arange(ly) + 1, ly - 1), np.minimum(np.arange(lx) + 1, lx - 1)
+    # Window (a, b)..(a+1, b+1) as _interp_weights pairs them: uniform when all four voxels agree.
+    uniform = (code == code[:, yn, :]) & (code == code[:, :, xn]) & (code == code[:, yn][:, :, xn]) & (code != 3)
+    window = np.where(uniform, code, np.uint8(mixed))
+    for k in np.unique(iz):
+        if not code[k].any():
             continue
-        pr, pl = up(r), up(l)
-        out[z0:z1] = np.where(pr + pl >= 0.5, np.where(pr >= pl, RIGHT, LEFT), 0).astype(np.uint8)
+        plane = window[k][y0][:, x0]
+        ys, xs = np.nonzero(plane == mixed)
+        if ys.size:
+            a, b = right[k].astype(np.float32), left[k].astype(np.float32)
+            wyk, wxk = wy[ys], wx[xs]
+            ya, yb, xa, xb = y0[ys], y1[ys], x0[xs], x1[xs]
+
+            def up(m: np.ndarray) -> np.ndarray:
+                # Exactly the separable interpolation, at these voxels only: y first, then x.
+                ta = m[ya, xa] * (1.0 - wyk) + m[yb, xa] * wyk
+                tb = m[ya, xb] * (1.0 - wyk) + m[yb, xb] * wyk
+                return ta * (1.0 - wxk) + tb * wxk
+
+            pr, pl = up(a), up(b)
+            plane[ys, xs] = np.where(pr + pl >= 0.5, np.where(pr >= pl, RIGHT, LEFT), 0)
+        out[iz == k] = plane
     return out

@@ -438,7 +438,7 @@ def _segment_defs_by_name(segment_defs: Optional[Sequence[SegmentDef]]) -> dict[
 
 def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geometry: Geometry,
                             segment_defs: Optional[Sequence[SegmentDef]] = None,
-                            compression_level: int = 6) -> Path:
+                            compression_level: int = 1) -> Path:
     """Write a Slicer ``.seg.nrrd`` with one segment per mask (atomic).
 
     Args:
@@ -448,7 +448,9 @@ def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geo
             ``segment_defs`` (by default the project's three segments).
         geometry: the input image's :class:`~COVIDLesionSegLib.volume.Geometry` (ITK, LPS).
         segment_defs: segment definitions (colour, ID, terminology) to look the names up in.
-        compression_level: gzip level (6 is nearly as small as 9 and several times faster).
+        compression_level: gzip level. 1 by default: on P001's three segments it writes 0.7 MB in 0.23 s of
+            CPU where level 6 writes 0.3 MB in 0.54 s (a binary mask compresses well at any level; the
+            format needs gzip only because raw layers would be ~78 MB per case).
     """
     import nrrd  # pynrrd
 
@@ -642,10 +644,13 @@ def write_labelmap(path: PathLike, labels: Union[sitk.Image, np.ndarray],
             raise ValueError(f"labelmap array shape {array.shape} (z, y, x) does not match the geometry size "
                              f"{geometry.size} (x, y, z)")
         image = None
-    values = np.unique(array)
     allowed = (LABEL_BACKGROUND, LABEL_RIGHT_LUNG, LABEL_LEFT_LUNG, LABEL_INFECTION)
-    if not np.all(np.isin(values, allowed)):
-        raise ValueError(f"labelmap contains values {values.tolist()}; only {list(allowed)} are allowed")
+    # The allowed values are 0..3: min and max decide for integers (np.unique sorts the whole volume).
+    if not (np.issubdtype(array.dtype, np.integer) and array.size and array.min() >= min(allowed)
+            and array.max() <= max(allowed)):
+        values = np.unique(array)
+        if not np.all(np.isin(values, allowed)):
+            raise ValueError(f"labelmap contains values {values.tolist()}; only {list(allowed)} are allowed")
     out = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
     if image is not None:
         out.CopyInformation(image)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +34,10 @@ from .segments import SEGMENTS
 from .volume import CTVolume
 
 STAGES = ("read", "check", "lungs", "infection", "quantify", "write")
+#: In the notes of every case run in the fast mode (docs/default_models.md, section 8, measures its cost).
+FAST_MODE_NOTE = ("fast mode: lungs on a 3 mm grid instead of 2 mm, the built-in infection model's decisions on "
+                  "2 mm instead of 1.25 mm, a 2D infection network on every second lung slice (the others "
+                  "interpolated); volumes differ by about 1 % from a normal run")
 # Rough share of run time per stage, for an overall progress fraction.
 STAGE_WEIGHTS = {"read": 0.05, "check": 0.02, "lungs": 0.35, "infection": 0.45, "quantify": 0.03, "write": 0.10}
 
@@ -52,6 +57,7 @@ class SegmentOptions:
     allow_slice_gaps: bool = False       # DICOM series with missing slices: interpolate them instead of refusing
     dicom: bool = False                  # also write DICOM SEG + SR for DICOM inputs (dicom_export.py)
     case_report: bool = True             # write <case>_report.pdf and .html (reports.py)
+    fast: bool = False                   # the fast mode: coarser grids, a note in the report (FAST_MODE_NOTE)
 
 
 @dataclass
@@ -68,23 +74,23 @@ class SegmentationResult:
     warnings: list[quality.QualityWarning] = field(default_factory=list)   # also in notes (their messages)
     dicom: Optional[io.DicomSource] = None   # the DICOM series the volume was read from, if it was
 
+    def _input_grid(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The lung labels and the infection mask as arrays on the input's grid, each reoriented once (and
+        not at all for an input stored in the canonical orientation)."""
+        lungs = self.volume.to_input_array(self.lungs)
+        infection = (None if self.infection is None
+                     else self.volume.to_input_array(self.infection.view(np.uint8)).view(bool))
+        return lungs, infection
+
     def masks_in_input_geometry(self) -> dict[str, np.ndarray]:
         """Segment name -> bool array (z, y, x) on the input's grid (overlapping segments)."""
-        masks = {
-            SEGMENTS.right_lung.name: self.lungs == LABEL_RIGHT_LUNG,
-            SEGMENTS.left_lung.name: self.lungs == LABEL_LEFT_LUNG,
-        }
-        if self.infection is not None:
-            masks[SEGMENTS.infection.name] = self.infection
-        return {name: sitk.GetArrayFromImage(self.volume.to_input_geometry(mask.astype(np.uint8))).astype(bool)
-                for name, mask in masks.items()}
+        return _segment_masks(*self._input_grid())
 
     def labelmap_in_input_geometry(self) -> sitk.Image:
         """Single labelmap (0 bg, 1 right, 2 left, 3 infection with precedence) on the input's grid."""
-        labels = self.lungs.copy()
-        if self.infection is not None:
-            labels[self.infection] = LABEL_INFECTION
-        return self.volume.to_input_geometry(labels)
+        out = sitk.GetImageFromArray(_labelmap(*self._input_grid()))
+        self.volume.input_geometry.apply_to(out)
+        return out
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable report of the case (the ``<case>.json`` file)."""
@@ -114,11 +120,12 @@ class Pipeline:
         self.options = options or SegmentOptions()
         opts = self.options
         self.lung_model = catalogue.load_model(opts.lung_model or catalogue.default_model_id("lungs"), "lungs",
-                                               opts.device)
+                                               opts.device, fast=opts.fast)
         self.infection_model = None
         if not opts.lungs_only:
             self.infection_model = catalogue.load_model(
-                opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device)
+                opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device,
+                fast=opts.fast)
 
     # -- in memory ---------------------------------------------------------------------------------------------
     def run(self, volume: CTVolume, on_progress: Optional[StageCallback] = None,
@@ -127,20 +134,22 @@ class Pipeline:
         header-based quality checks (slice thickness, tilt, spacing, contrast agent) and the DICOM outputs."""
         timings = {} if timings is None else timings
         notes = list(volume.notes)
+        if self.options.fast:
+            notes.append(FAST_MODE_NOTE)
 
         start = time.perf_counter()
         lungs = self.lung_model.segment(volume, progress=_stage(on_progress, "lungs"))
         timings["lungs"] = time.perf_counter() - start
 
         infection = None
-        models = {"lungs": _model_record(self.lung_model)}
+        models = {"lungs": _model_record(self.lung_model, self.options.fast)}
         if self.infection_model is not None:
             start = time.perf_counter()
             probabilities = self.infection_model.predict(volume, lungs, progress=_stage(on_progress, "infection"))
             infection = (probabilities >= self.infection_model.info.threshold) & (lungs > 0)
             del probabilities
             timings["infection"] = time.perf_counter() - start
-            models["infection"] = _model_record(self.infection_model)
+            models["infection"] = _model_record(self.infection_model, self.options.fast)
             notes.extend(getattr(self.infection_model, "notes", []))
 
         start = time.perf_counter()
@@ -210,18 +219,27 @@ class Pipeline:
             for key in dicom_keys:
                 del files[key]
             result.notes.append(f"DICOM SEG and SR not written: {problem}")
+        lungs, infection = result._input_grid()
+        geometry = result.volume.input_geometry
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
-            outputs.write_labelmap(case.staging_path("labels"), result.labelmap_in_input_geometry())
-            masks = result.masks_in_input_geometry()
-            outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, result.volume.input_geometry)
+            # The two images are compressed and read back at the same time (zlib and ITK's writer release
+            # the GIL): on two cores the slower one is the write time.
+            masks = _segment_masks(lungs, infection)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                labels = pool.submit(outputs.write_labelmap, case.staging_path("labels"),
+                                     _labelmap(lungs, infection), geometry)
+                try:
+                    outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
+                finally:
+                    labels.result()
             extra: dict[str, Any] = {}
             if "dicom_seg" in files:
                 from . import dicom_export
 
                 extra["dicom_outputs"] = dicom_export.write_seg_and_sr(
-                    case.staging_path("dicom_seg"), case.staging_path("dicom_sr"), masks,
-                    result.volume.input_geometry, result.dicom.files, result.report())
-            del masks
+                    case.staging_path("dicom_seg"), case.staging_path("dicom_sr"), masks, geometry,
+                    result.dicom.files, result.report())
+            del masks, lungs, infection
             if "pdf_report" in files:
                 from . import reports
 
@@ -243,6 +261,22 @@ def dicom_problem(dicom: Optional[io.DicomSource]) -> Optional[str]:
         return ("the series was resampled onto its true slice positions (--allow-slice-gaps), so the result no "
                 "longer lies on the source's slices")
     return None
+
+
+def _segment_masks(lungs: np.ndarray, infection: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+    """Segment name -> bool mask (the overlapping segments of the ``.seg.nrrd`` and of Slicer)."""
+    masks = {SEGMENTS.right_lung.name: lungs == LABEL_RIGHT_LUNG, SEGMENTS.left_lung.name: lungs == LABEL_LEFT_LUNG}
+    if infection is not None:
+        masks[SEGMENTS.infection.name] = infection
+    return masks
+
+
+def _labelmap(lungs: np.ndarray, infection: Optional[np.ndarray]) -> np.ndarray:
+    """One uint8 labelmap: the lung labels with infection (LABEL_INFECTION) taking precedence."""
+    labels = lungs.astype(np.uint8, copy=True)
+    if infection is not None:
+        labels[infection] = LABEL_INFECTION
+    return labels
 
 
 @dataclass
@@ -346,10 +380,13 @@ def _record_failure(report: BatchReport, path, message: str, on_error,
             on_error(str(path), f"(results.csv not updated: {exc})")
 
 
-def _model_record(model) -> dict[str, str]:
+def _model_record(model, fast: bool = False) -> dict[str, Any]:
     info = model.info
     # str(): a network model's device is a torch.device, the report is JSON.
-    record = {"id": info.model_id, "version": info.version, "device": str(getattr(model, "device", info.device))}
+    record: dict[str, Any] = {"id": info.model_id, "version": info.version,
+                              "device": str(getattr(model, "device", info.device))}
+    if fast:
+        record["fast"] = True
     try:  # the licence travels with the result (the report prints it; weights may be non-commercial)
         record["licence"] = catalogue.get_entry(info.model_id).licence
     except CovidLesionSegError:   # a model loaded from a file the catalogue does not list

@@ -54,7 +54,10 @@ class InfectionModel(Protocol):
 
 
 class HULungModel:
-    """Lung masking from Hounsfield units, no trained weights (see ``lungs.py``)."""
+    """Lung masking from Hounsfield units, no trained weights (see ``lungs.py``).
+
+    ``fast``: the fast mode, on a grid of ``lungs.FAST_TARGET_SPACING_MM`` instead of 2 mm.
+    """
 
     info = ModelInfo(
         model_id="hu-lungs",
@@ -63,14 +66,21 @@ class HULungModel:
         description="Right/left lung masking from Hounsfield units (no trained weights)",
     )
 
-    def segment(self, volume: CTVolume, progress: Optional[ProgressCallback] = None) -> np.ndarray:
-        from .lungs import segment_lungs
+    def __init__(self, fast: bool = False):
+        self.fast = bool(fast)
 
-        return segment_lungs(volume.hu, volume.spacing_zyx, progress=progress)
+    def segment(self, volume: CTVolume, progress: Optional[ProgressCallback] = None) -> np.ndarray:
+        from .lungs import FAST_PARAMS, LungMaskParams, segment_lungs
+
+        return segment_lungs(volume.hu, volume.spacing_zyx, progress=progress,
+                             params=FAST_PARAMS if self.fast else LungMaskParams())
 
 
 class HUInfectionModel:
-    """Ground-glass and consolidation Hounsfield bands inside the lungs, vessels removed (``infection_hu.py``)."""
+    """Ground-glass and consolidation Hounsfield bands inside the lungs, vessels removed (``infection_hu.py``).
+
+    ``fast``: the fast mode, decisions on a 2 mm grid instead of 1.25 mm.
+    """
 
     info = ModelInfo(
         model_id="hu-threshold",
@@ -79,9 +89,12 @@ class HUInfectionModel:
         description="Hounsfield-band baseline: ground-glass and consolidation inside the lungs, vessels removed",
     )
 
+    def __init__(self, fast: bool = False):
+        self.fast = bool(fast)
+
     def predict(self, volume: CTVolume, lungs: np.ndarray,
                 progress: Optional[ProgressCallback] = None) -> np.ndarray:
         from .infection_hu import segment_infection_hu
 
-        mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx, progress=progress)
+        mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx, progress=progress, fast=self.fast)
         return mask.astype(np.float32)

@@ -83,6 +83,7 @@ class _Request:
     show_surfaces: bool
     case_name: str
     dicom_source: Any = None   # io.DicomSource of the input, when the caller read it (batch.py)
+    fast: bool = False         # the fast mode (coarser grids; pipeline.SegmentOptions.fast)
 
 
 class SegmentationRun:
@@ -169,7 +170,7 @@ class SegmentationRun:
         write_input_nrrd(image, input_path)
         request = self.request
         command = inference_command(input_path, output_dir, request.model, request.lung_model, request.device,
-                                    request.lungs_only, name=request.case_name)
+                                    request.lungs_only, name=request.case_name, fast=request.fast)
         self.worker = WorkerProcess(command, stderr_path=self._workdir / "worker-stderr.txt")
         self.worker.start()
         self._log(f"Started the segmentation process (pid {self.worker.pid}).")
@@ -305,7 +306,8 @@ class SegmentationLogic:
                 wait_for_completion: bool = True, use_worker: Optional[bool] = None,
                 progress_callback: Optional[ProgressCallback] = None,
                 log_callback: Optional[Callable[[str], None]] = None, replace_existing=None,
-                results_table=None, show_surfaces: bool = False, dicom_source=None) -> SegmentationRun:
+                results_table=None, show_surfaces: bool = False, dicom_source=None,
+                fast: bool = False) -> SegmentationRun:
         """Segment the lungs and COVID-19 infection of ``input_volume``.
 
         Args:
@@ -327,6 +329,7 @@ class SegmentationLogic:
             show_surfaces: also build the closed-surface (3D) representation.
             dicom_source: the :class:`~.io.DicomSource` the input was read from (in-process runs): adds the
                 header-based quality checks (slice thickness, gantry tilt, spacing, contrast agent).
+            fast: the fast mode (coarser grids, about twice as fast; ``covidlesionseg segment --fast``).
 
         Returns:
             the :class:`SegmentationRun` (finished when blocking; ``run.result`` holds the nodes and report).
@@ -341,7 +344,8 @@ class SegmentationLogic:
         policy = mrml.ReplacePolicy.from_argument(replace_existing)
         image = mrml.image_from_volume_node(input_volume)         # InputError if the node is unusable
         request = _Request(input_volume, output_segmentation, results_table, model or "", lung_model or "",
-                           device, bool(lungs_only), policy, bool(show_surfaces), input_volume.GetName() or "CT", dicom_source)
+                           device, bool(lungs_only), policy, bool(show_surfaces), input_volume.GetName() or "CT",
+                           dicom_source=dicom_source, fast=bool(fast))
         run = SegmentationRun(request, progress_callback, log_callback)
 
         if not wait_for_completion or use_worker:
@@ -373,12 +377,13 @@ class SegmentationLogic:
     def _pipeline(self, request: _Request):
         from .pipeline import Pipeline, SegmentOptions
 
-        key = (request.model, request.lung_model, request.device, request.lungs_only)
+        key = (request.model, request.lung_model, request.device, request.lungs_only, request.fast)
         if key not in self._pipelines:
             # Models are loaded once per choice and reused for the next case (batch runs, re-runs).
             self._pipelines = {key: Pipeline(SegmentOptions(infection_model=request.model or None,
                                                             lung_model=request.lung_model or None,
-                                                            device=request.device, lungs_only=request.lungs_only))}
+                                                            device=request.device, lungs_only=request.lungs_only,
+                                                            fast=request.fast))}
         return self._pipelines[key]
 
     def _run_in_process(self, image, request: _Request, run: SegmentationRun):

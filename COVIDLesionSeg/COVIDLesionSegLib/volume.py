@@ -72,7 +72,10 @@ class CTVolume:
                    notes: list[str] | None = None) -> "CTVolume":
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
-        canonical = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+        # An image stored in the canonical orientation already (most scans) is used as it is: DICOMOrient
+        # would copy it (524 MB for a 512 x 512 x 1000 int16 scan) to change nothing.
+        canonical = (image if orientation_code(image) == CANONICAL_ORIENTATION
+                     else sitk.DICOMOrient(image, CANONICAL_ORIENTATION))
         return cls(image=canonical, input_geometry=Geometry.of(image), name=name, source=source,
                    notes=list(notes or []))
 
@@ -103,6 +106,16 @@ class CTVolume:
         out = sitk.GetImageFromArray(array)
         out.CopyInformation(self.image)
         return out
+
+    def to_input_array(self, array: np.ndarray) -> np.ndarray:
+        """A canonical (z, y, x) result as a (z, y, x) array on the input's grid: ``array`` itself when the
+        input is stored in the canonical orientation (most scans: no copy of the volume), otherwise the
+        array of :meth:`to_input_geometry`."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"array shape {array.shape} does not match the volume {self.shape}")
+        if self.input_geometry.orientation == CANONICAL_ORIENTATION:
+            return array
+        return sitk.GetArrayFromImage(self.to_input_geometry(array))
 
     def to_input_geometry(self, array: np.ndarray) -> sitk.Image:
         """Map a canonical (z, y, x) result back onto the input's exact grid (size, spacing, origin, direction)."""

@@ -134,7 +134,7 @@ def _make_pipeline(args, device: str):
     from .pipeline import Pipeline, SegmentOptions
 
     return Pipeline(SegmentOptions(infection_model=args.model or None, lung_model=args.lung_model or None,
-                                   device=device, lungs_only=args.lungs_only))
+                                   device=device, lungs_only=args.lungs_only, fast=getattr(args, "fast", False)))
 
 
 #: The log line of the CUDA out-of-memory fallback.
@@ -258,7 +258,7 @@ def worker_script() -> Path:
 
 def inference_command(input_path: str | os.PathLike, output_dir: str | os.PathLike, model: str = "",
                       lung_model: str = "", device: str = "auto", lungs_only: bool = False,
-                      name: str = "") -> list[str]:
+                      name: str = "", fast: bool = False) -> list[str]:
     cmd = [python_executable(), str(worker_script()), "--input", str(input_path), "--output-dir",
            str(output_dir), "--device", device or "auto"]
     if model:
@@ -267,6 +267,8 @@ def inference_command(input_path: str | os.PathLike, output_dir: str | os.PathLi
         cmd += ["--lung-model", lung_model]
     if lungs_only:
         cmd.append("--lungs-only")
+    if fast:
+        cmd.append("--fast")
     if name:
         cmd += ["--name", name]
     return cmd

@@ -294,7 +294,7 @@ def run_batch(args) -> int:
             volume = context.load(case, name)
             run = logic.process(volume, None, model=args.model or None, lung_model=args.lung_model or None,
                                 device=args.device, lungs_only=args.lungs_only, wait_for_completion=True,
-                                progress_callback=on_progress, dicom_source=context.dicom)
+                                progress_callback=on_progress, dicom_source=context.dicom, fast=args.fast)
             report = dict(run.result.report)
             report["case"] = name
             report.setdefault("input", {})["source"] = str(case)

@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 
 from COVIDLesionSegLib.evaluation import read_slice_labels
 from COVIDLesionSegLib.infection_hu import band_fractions, segment_infection_hu
+from COVIDLesionSegLib.preprocessing import bounding_box
 from COVIDLesionSegLib.progress import Cancelled
 from Testing.conftest import shared_file
 
@@ -161,3 +162,41 @@ def test_real_ct_covid_patient_has_more_infection_than_normal_subject():
     assert p["share"] > 3 * n["share"]
     # slice-level agreement with the radiologists clearly better than chance (sens + spec = 1)
     assert sens + spec > 1.3
+
+
+# ------------------------------------------------------------------------------------------------- slabs
+
+def test_slabs_give_the_unsplit_result():
+    """A large (thin-slice) synthetic volume through the slab path equals the one-slab result."""
+    from COVIDLesionSegLib import infection_hu
+    from COVIDLesionSegLib.phantom import make_chest_phantom
+    from COVIDLesionSegLib.volume import CTVolume
+
+    image, truth = make_chest_phantom(shape_zyx=(320, 118, 128), spacing_zyx=(0.8, 2.8, 2.8))
+    vol = CTVolume.from_image(image)
+    lungs = (truth["right_lung"] > 0).astype(np.uint8) + 2 * (truth["left_lung"] > 0).astype(np.uint8)
+    whole = segment_infection_hu(vol.hu, lungs, vol.spacing_zyx)
+    crop_voxels = int(np.prod([s.stop - s.start for s in bounding_box(lungs > 0, 0)]))
+    assert crop_voxels <= infection_hu.SLAB_VOXELS, "the unsplit run must be one slab"
+    budget = crop_voxels // 5
+    margin = [int(np.ceil(3 * infection_hu.SMOOTHING_SIGMA_MM / s)) + 1 for s in vol.spacing_zyx]
+    box = bounding_box(lungs > 0, margin)
+    grid = infection_hu._working_grid(infection_hu._geometry([s.stop - s.start for s in box],
+                                                              tuple(reversed(vol.spacing_zyx))))
+    slabs = list(infection_hu._slabs([s.stop - s.start for s in box], vol.spacing_zyx, grid, budget))
+    assert len(slabs) >= 4
+    # Every working-grid slice is resampled from exactly one slab, and the cores partition the crop.
+    rows = np.concatenate([np.arange(r.start, r.stop) for _, _, r in slabs])
+    assert np.array_equal(rows, np.arange(grid.GetSize()[2]))
+    assert [c.start for c, _, _ in slabs[1:]] == [c.stop for c, _, _ in slabs[:-1]]
+    split = segment_infection_hu(vol.hu, lungs, vol.spacing_zyx, slab_voxels=budget)
+    assert whole.sum() > 1000, "the phantom's lesions must be found for the comparison to mean anything"
+    assert np.array_equal(split, whole)
+
+
+def test_fast_mode_finds_the_phantom_lesions_and_drops_vessels(phantom):
+    fast = segment_infection_hu(phantom["hu"], phantom["lungs"], SPACING, fast=True)
+    assert not fast[phantom["lungs"] == 0].any()
+    share = {k: fast[phantom[k]].mean() for k in ("ggo", "cons", "thin", "thick")}
+    assert share["ggo"] > 0.8 and share["cons"] > 0.8, share
+    assert share["thin"] < 0.2 and share["thick"] < 0.2, share

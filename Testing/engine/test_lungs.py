@@ -262,3 +262,44 @@ def test_split_right_left_single_blob_falls_back_to_the_midline():
 def test_split_right_left_empty_mask():
     right, left = split_right_left(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0))
     assert not right.any() and not left.any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The fast equivalents inside lungs.py must give exactly what the library functions they replace give
+# ------------------------------------------------------------------------------------------------------------
+
+def test_convex_hull_2d_matches_skimage():
+    from skimage.morphology import convex_hull_image
+
+    from COVIDLesionSegLib.lungs import convex_hull_2d
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    for trial in range(400):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        if trial % 4 == 0:   # scattered pixels, single rows and columns
+            mask = np.zeros((h, w), bool)
+            k = int(rng.integers(1, 5))
+            mask[rng.integers(0, h, k), rng.integers(0, w, k)] = True
+        else:
+            mask = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 4.0)) > rng.uniform(0.4, 0.7)
+        if not mask.any():
+            continue
+        assert np.array_equal(convex_hull_2d(mask), convex_hull_image(mask)), (trial, mask.astype(int))
+        checked += 1
+    assert checked > 300
+
+
+def test_fill_holes_2d_and_squared_distance_match_scipy():
+    from COVIDLesionSegLib.lungs import _SLICE_STRUCTURE, fill_holes_2d, squared_distance_to
+
+    rng = np.random.default_rng(3)
+    mask = ndi.gaussian_filter(rng.random((12, 40, 50)), 1.5) > 0.5
+    mask[:, 0, :] = True   # shapes touching the border, where "outside" matters
+    assert np.array_equal(fill_holes_2d(mask), ndi.binary_fill_holes(mask, structure=_SLICE_STRUCTURE))
+    spacing = (2.0, 2.25, 2.25)
+    expected = ndi.distance_transform_edt(~mask, sampling=spacing) ** 2
+    got = squared_distance_to(mask, spacing)
+    assert np.allclose(np.maximum(got, 0), expected, rtol=1e-6, atol=1e-4)
+    assert np.array_equal(got <= 100.0, expected <= 100.0)
+    assert np.isinf(squared_distance_to(np.zeros((3, 4, 5), bool), spacing)).all()

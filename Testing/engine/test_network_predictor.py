@@ -393,3 +393,23 @@ def test_confirm_hu_threshold_keeps_the_threshold_s_components_the_network_marks
     assert (kept & a).sum() > 3 * core.sum()
     assert not (kept & b).any()                                        # b: the network never marked it
     assert not kept[~(a | b)].any()
+
+
+def test_slice_step_runs_every_second_lung_slice_and_interpolates_the_others(tmp_path):
+    """The fast mode of a 2D infection network (``slice_step=2``): the slices it runs are those of a full run,
+    the slices between them the linear interpolation of their neighbours."""
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2)
+    hu, labels, _ = _phantom()
+    vol = _volume(hu)
+    full = NetworkModel(path, device="cpu", margin_mm=0.0).predict(vol, labels)
+    calls = []
+    fast_model = NetworkModel(path, device="cpu", margin_mm=0.0, slice_step=2, batch_size=1)
+    fast = fast_model.predict(vol, labels, progress=lambda f, m: calls.append(m))
+    zs = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+    run = np.unique(np.append(zs[::2], zs[-1]))
+    assert len(calls) == len(run) < len(zs)
+    np.testing.assert_array_equal(fast[run], full[run])
+    for z in np.setdiff1d(zs, run):
+        np.testing.assert_allclose(fast[z], 0.5 * (full[z - 1] + full[z + 1]), atol=1e-6)
+    with pytest.raises(ValueError, match="slice_step"):
+        NetworkModel(path, device="cpu", slice_step=0)

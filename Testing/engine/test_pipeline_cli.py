@@ -224,6 +224,29 @@ def test_in_memory_run_matches_phantom_truth(tmp_path):
     assert not np.any(result.infection & (result.lungs == 0))
 
 
+def test_fast_mode_runs_coarser_and_says_so(tmp_path):
+    """``--fast``: a note in the report and the CSV, ``fast`` in the model records, lungs within 5 % DSC of a
+    normal run and the phantom's infection still found (docs/default_models.md section 8 measures real scans)."""
+    from COVIDLesionSegLib.pipeline import FAST_MODE_NOTE
+
+    ct, truth = _phantom_file(tmp_path)
+    assert main(["segment", str(ct), "-o", str(tmp_path / "normal"), "--quiet"]) == 0
+    assert main(["segment", str(ct), "-o", str(tmp_path / "fast"), "--fast", "--quiet"]) == 0
+    normal = json.loads((tmp_path / "normal" / "phantom.json").read_text())
+    fast = json.loads((tmp_path / "fast" / "phantom.json").read_text())
+    assert FAST_MODE_NOTE in fast["notes"] and FAST_MODE_NOTE not in normal["notes"]
+    assert fast["models"]["lungs"]["fast"] is True and "fast" not in normal["models"]["lungs"]
+    row = next(csv.DictReader((tmp_path / "fast" / "results.csv").open()))
+    assert "fast mode" in row["notes"]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "normal" / "phantom_labels.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "fast" / "phantom_labels.nii.gz")))
+    for label in (1, 2):   # each lung outside the infection (which takes label 3 in the labelmap)
+        lung_a, lung_b = a == label, b == label
+        assert 2 * (lung_a & lung_b).sum() / (lung_a.sum() + lung_b.sum()) > 0.95
+    infection = truth["infection"] > 0
+    assert (b[infection] == 3).mean() > 0.5 * (a[infection] == 3).mean() > 0
+
+
 def test_evaluate_and_models_list(tmp_path, capsys):
     ct, truth = _phantom_file(tmp_path)
     out = tmp_path / "out"
