@@ -15,7 +15,7 @@ TRAINING = REPO_ROOT / "training"
 def _imported_modules(path) -> set[str]:
     """Every ``training.*`` module a file imports, at any level (function bodies included)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module:
             module = node.module if node.level == 0 else f"training.{node.module}" if node.level == 1 else node.module
             found.add(module)
