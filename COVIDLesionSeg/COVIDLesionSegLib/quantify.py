@@ -139,14 +139,10 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
     per_lung: dict[str, Any] = {}
     zone_totals = {zone: [0, 0] for zone in ZONES}  # lung voxels, infection voxels, summed over lungs
     total_lung = total_inf = 0
+    counts = _slab_counts(lungs, infection)
     for side in LUNGS:
-        lung = lungs == _LUNG_LABELS[side]
-        inf = lung & infection
         # Per-slice (z) and per-row (y) counts are all the zones need; no full-size zone masks.
-        lung_z = np.count_nonzero(lung, axis=(1, 2))
-        inf_z = np.count_nonzero(inf, axis=(1, 2))
-        lung_y = np.count_nonzero(lung, axis=(0, 2))
-        inf_y = np.count_nonzero(inf, axis=(0, 2))
+        lung_z, inf_z, lung_y, inf_y = counts[_LUNG_LABELS[side]]
         n_lung, n_inf = int(lung_z.sum()), int(inf_z.sum())
         entry = _entry(n_lung, n_inf, voxel_ml)
         if n_lung == 0:
@@ -175,7 +171,7 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
     both["zones"] = {zone: _entry(zone_totals[zone][0], zone_totals[zone][1], voxel_ml) for zone in ZONES}
     per_lung[REPORT_KEYS["both"]] = both
 
-    outside = int(np.count_nonzero(infection & (lungs == 0)))
+    outside = counts["outside"]
     if outside:
         notes.append(f"{outside} infection voxels ({_ml(outside, voxel_ml)} mL) lie outside both lung masks "
                      "and are not counted.")
@@ -188,6 +184,28 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
         "infection_outside_lungs_ml": _ml(outside, voxel_ml),
         "notes": notes,
     }
+
+
+def _slab_counts(lungs: np.ndarray, infection: np.ndarray, slab: int = 32) -> dict[Any, Any]:
+    """Per lung label: lung and infection voxels per slice (z) and per row (y); and the infection voxels
+    outside both lungs. Counted over slabs of ``slab`` slices, so the masks are never built for the whole
+    volume (three full-size bool arrays on a 1000-slice scan were 0.8 GB)."""
+    nz, ny = lungs.shape[:2]
+    out: dict[Any, Any] = {label: (np.zeros(nz, np.int64), np.zeros(nz, np.int64), np.zeros(ny, np.int64),
+                                   np.zeros(ny, np.int64)) for label in _LUNG_LABELS.values()}
+    outside = 0
+    for z0 in range(0, nz, slab):
+        part, inf_part = lungs[z0:z0 + slab], infection[z0:z0 + slab]
+        for label, (lung_z, inf_z, lung_y, inf_y) in out.items():
+            lung = part == label
+            inf = lung & inf_part
+            lung_z[z0:z0 + slab] = np.count_nonzero(lung, axis=(1, 2))
+            inf_z[z0:z0 + slab] = np.count_nonzero(inf, axis=(1, 2))
+            lung_y += np.count_nonzero(lung, axis=(0, 2))
+            inf_y += np.count_nonzero(inf, axis=(0, 2))
+        outside += int(np.count_nonzero(inf_part & (part == 0)))
+    out["outside"] = outside
+    return out
 
 
 def _csv_items() -> list[tuple[str, tuple[str, ...], str]]:
