@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--postprocess", default=None, metavar="JSON",
                    help='infection post-processing to store, e.g. \'{"min_component_ml": 1.0, "min_rise_hu": 150}\' '
                         "(chosen with python -m training.selection)")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold to store (default: the config's eval.threshold; chosen with "
+                        "python -m training.selection)")
 
     # Listed for the help text; main() hands its arguments to training.synthesis.main.
     sub.add_parser("synthesize", add_help=False,
@@ -163,7 +166,7 @@ def cmd_export(args) -> int:
 
     postprocess = json.loads(args.postprocess) if args.postprocess else None
     path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id,
-                           postprocess=postprocess)
+                           postprocess=postprocess, threshold=args.threshold)
     print(f"wrote {path} (sha256 {sha})", flush=True)
     return EXIT_OK
 

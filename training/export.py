@@ -76,11 +76,12 @@ def _input_spec(config: Mapping[str, Any], preprocessing: Mapping[str, Any], sta
 
 def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
                which: str = "best", model_id: str | None = None,
-               postprocess: dict | None = None) -> tuple[Path, str]:
+               postprocess: dict | None = None, threshold: float | None = None) -> tuple[Path, str]:
     """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
 
     ``postprocess``: the infection post-processing chosen after training (``python -m training.selection``)
     to store as ``output.postprocess``; it overrides the run config's ``export.output.postprocess``.
+    ``threshold``: the probability threshold chosen there (``output.threshold``; default ``eval.threshold``).
 
     Raises:
         RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
@@ -114,6 +115,10 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
     output_spec.update(dict(ex["output"]))
     if postprocess is not None:
         output_spec["postprocess"] = dict(postprocess)
+    if threshold is not None:
+        if not 0.0 < float(threshold) < 1.0:
+            raise RunError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        output_spec["threshold"] = float(threshold)
     fold = int(config["protocol"]["fold"])
     provenance = {
         "data": {"reader": config["data"]["reader"], "target": config["data"]["target"],

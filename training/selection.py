@@ -7,8 +7,10 @@ Three kinds of evidence, kept apart:
    scan. Measured through the engine exactly as users run it (``hu-lungs`` on the scan, then the model):
    voxel DSC against the exact synthetic masks, slice-level sensitivity / specificity (a slice with lung is
    positive when it holds a lesion voxel), and the infected share of the host's own lungs. The
-   post-processing (``COVIDLesionSegLib.postprocess``) is chosen here: the setting with the highest slice
-   Youden index (sensitivity + specificity - 1) on the synthetic copies, ties to the higher voxel DSC.
+   probability threshold and the post-processing (``COVIDLesionSegLib.postprocess``) are chosen here: the
+   setting with the highest slice Youden index (sensitivity + specificity - 1), ties to the higher voxel
+   DSC. The slices pooled for it are those of the synthetic copies and the host's own lung slices, all
+   negatives: a setting that marks a healthy scan pays for it in specificity.
 2. **External check** (reported, never used to choose): COVID-CT-MD P001 against the radiologists'
    per-slice labels and the share of normal001's lungs marked infected, with the setting chosen in 1.
 3. The 2D grouped cross-validation of the recipe (``python -m training cv``), reported in the docs.
@@ -41,6 +43,10 @@ from training.config import shared_data_dir
 from training.hard_negatives import read_host
 
 SHARED = shared_data_dir()
+#: Probability thresholds tried on the validation data (the checkpoint's own threshold is always tried
+#: first, and wins ties). A network trained on two hosts can be confident on lesions and merely unsure on a
+#: new scanner's healthy lung; a higher threshold is the simplest rule that separates the two.
+THRESHOLDS = (0.5, 0.7, 0.9)
 #: The post-processing settings tried on the validation data.
 GRID = {"min_component_ml": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0), "min_hu": (None, -850.0, -800.0, -750.0),
         "min_rise_hu": (None, 50.0, 100.0, 150.0)}
@@ -80,29 +86,52 @@ def load_model(ref: str, device: str = "cpu"):
     return model, stored
 
 
-def raw_masks(model, scans: Sequence[Scan]) -> tuple[list[np.ndarray], float]:
-    """Thresholded infection masks inside the lungs, and the seconds per scan."""
+def raw_probabilities(model, scans: Sequence[Scan]) -> tuple[list[np.ndarray], float]:
+    """Infection probabilities (float32, 0 outside the lungs), and the seconds per scan."""
     out, t0 = [], time.perf_counter()
     for s in scans:
-        probs = model.predict(s.volume, s.lungs)
-        out.append((probs >= model.info.threshold) & (s.lungs > 0))
+        probs = np.asarray(model.predict(s.volume, s.lungs), dtype=np.float32)
+        probs[~(s.lungs > 0)] = 0.0
+        out.append(probs)
     return out, (time.perf_counter() - t0) / max(1, len(scans))
 
 
+def raw_masks(model, scans: Sequence[Scan], threshold: Optional[float] = None) -> tuple[list[np.ndarray], float]:
+    """Thresholded infection masks inside the lungs (at the model's own threshold unless given), and the
+    seconds per scan."""
+    probs, seconds = raw_probabilities(model, scans)
+    t = model.info.threshold if threshold is None else threshold
+    return [p >= t for p in probs], seconds
+
+
+def thresholds_for(model) -> list[float]:
+    """The thresholds swept for a model: its own first, then :data:`THRESHOLDS`."""
+    own = float(model.info.threshold)
+    return [own] + [t for t in THRESHOLDS if abs(t - own) > 1e-9]
+
+
 def grid_settings(grid: dict[str, Iterable] = GRID) -> list[InfectionPostprocess]:
+    """Every combination of ``grid``, then the network as a filter of ``hu-threshold``
+    (``confirm_hu_threshold``, on its own: the HU rules would only thin the evidence)."""
     keys = list(grid)
-    return [InfectionPostprocess(**dict(zip(keys, values))) for values in itertools.product(*grid.values())]
+    rules = [InfectionPostprocess(**dict(zip(keys, values))) for values in itertools.product(*grid.values())]
+    return rules + [InfectionPostprocess(confirm_hu_threshold=True)]
 
 
 def validation_scores(masks: Sequence[np.ndarray], scans: Sequence[Scan], host: Optional[Scan],
                       host_mask: Optional[np.ndarray]) -> dict[str, Any]:
-    """Voxel DSC and slice agreement over synthetic copies; the host's infected share of lung."""
+    """Voxel DSC and slice agreement over synthetic copies (the host's lung slices join the slice pool as
+    negatives); the host's infected share of lung."""
     dscs, truth_slices, area_slices = [], [], []
     for m, s in zip(masks, scans):
         dscs.append(dice(m, s.truth))
         with_lung = s.lungs.reshape(len(s.lungs), -1).any(axis=1)
         truth_slices.append(s.truth.reshape(len(m), -1).any(axis=1)[with_lung])
         area_slices.append(m.reshape(len(m), -1).sum(axis=1)[with_lung])
+    if host is not None and host_mask is not None:
+        with_lung = host.lungs.reshape(len(host.lungs), -1).any(axis=1)
+        area_slices.append(host_mask.reshape(len(host_mask), -1).sum(axis=1)[with_lung])
+        truth_slices.append(np.zeros(int(with_lung.sum()), bool))
     agreement = slice_agreement(np.concatenate(area_slices), np.concatenate(truth_slices))
     out = {"synthetic_dsc": float(np.mean(dscs)), "synthetic_dsc_per_case": [round(float(d), 4) for d in dscs],
            "synthetic_slice_sensitivity": agreement["sensitivity"],
@@ -114,17 +143,19 @@ def validation_scores(masks: Sequence[np.ndarray], scans: Sequence[Scan], host: 
 
 
 def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The validation rule: highest slice Youden index on the synthetic copies, then higher voxel DSC, then
-    the simpler setting (smaller component size)."""
+    """The validation rule: highest slice Youden index on the validation slices, then higher voxel DSC, then
+    the simpler setting (smaller component size); remaining ties go to the earlier row (the model's own
+    threshold is swept first)."""
     return max(rows, key=lambda r: (round(r["synthetic_slice_youden"], 4), round(r["synthetic_dsc"], 4),
                                     -r["postprocess"].get("min_component_ml", 0.0)))
 
 
-def external_check(model, rule: InfectionPostprocess, labels_csv: Path, p001: Scan, normal: Scan) -> dict[str, Any]:
+def external_check(model, rule: InfectionPostprocess, labels_csv: Path, p001: Scan, normal: Scan,
+                   threshold: Optional[float] = None) -> dict[str, Any]:
     """P001 slice agreement with the radiologists' labels and normal001's infected share (reported only)."""
     out: dict[str, Any] = {}
     for s in (p001, normal):
-        (m,), _ = raw_masks(model, [s])
+        (m,), _ = raw_masks(model, [s], threshold)
         m = rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs)
         if s is p001:
             labels = read_slice_labels(labels_csv, "covidctmd_p001_ct")
@@ -159,22 +190,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report: dict[str, Any] = {"validation": [p.name for p in cts], "host": args.host, "models": {}}
     for ref in args.model:
         model, stored = load_model(ref)
-        masks, seconds = raw_masks(model, scans)
-        (host_mask,), _ = raw_masks(model, [host])
-        settings = grid_settings() if isinstance(model, NetworkInfectionModel) else [InfectionPostprocess()]
+        probs, seconds = raw_probabilities(model, scans)
+        (host_probs,), _ = raw_probabilities(model, [host])
+        network = isinstance(model, NetworkInfectionModel)
+        settings = grid_settings() if network else [InfectionPostprocess()]
         rows = []
-        for rule in settings:
-            kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs) for m, s in zip(masks, scans)]
-            kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx, host.lungs)
-            rows.append({"postprocess": rule.to_spec(), **validation_scores(kept, scans, host, kept_host)})
+        for t in (thresholds_for(model) if network else [float(model.info.threshold)]):
+            masks = [p >= t for p in probs]
+            host_mask = host_probs >= t
+            for rule in settings:
+                kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs) for m, s in zip(masks, scans)]
+                kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx, host.lungs)
+                rows.append({"threshold": t, "postprocess": rule.to_spec(),
+                             **validation_scores(kept, scans, host, kept_host)})
+        del probs, host_probs
         best = choose(rows)
         entry: dict[str, Any] = {"seconds_per_scan": round(seconds, 2), "chosen": best, "sweep": rows,
                                  "stored_postprocess": stored.to_spec() if stored is not None else None}
         if ext is not None:
-            entry["external_raw"] = external_check(model, InfectionPostprocess(), SHARED / "ct" /
-                                                   "covidctmd_slice_labels.csv", *ext)
+            labels_csv = SHARED / "ct" / "covidctmd_slice_labels.csv"
+            entry["external_raw"] = external_check(model, InfectionPostprocess(), labels_csv, *ext)
             entry["external_chosen"] = external_check(model, InfectionPostprocess(**best["postprocess"]),
-                                                      SHARED / "ct" / "covidctmd_slice_labels.csv", *ext)
+                                                      labels_csv, *ext, threshold=best["threshold"])
         report["models"][ref] = entry
         print(json.dumps({ref: {k: v for k, v in entry.items() if k != "sweep"}}, indent=1), file=sys.stderr,
               flush=True)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from monai.transforms import (Compose, EnsureTyped, MapTransform, RandAdjustContrastd, RandAffined,
                               RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
-                              RandScaleCropd, RandScaleIntensityd, Resized, SpatialPadd)
+                              RandScaleCropd, RandScaleIntensityd, RandShiftIntensityd, Resized, SpatialPadd)
 
 from COVIDLesionSegLib import preprocessing as engine_pre
 from training.datasets.base import Case, load_case
@@ -366,11 +366,21 @@ def slice_2d_transforms(label_keys: Sequence[str], size: int | None = 256, inten
                         train: bool = True, flip: bool = True, rotate_deg: float = 15.0,
                         scale: tuple[float, float] = (0.85, 1.15), channels: int = 1,
                         targets: Sequence[str] | None = None, missing: str = "error",
-                        seed: int | None = None) -> Compose:
+                        noise_std: float = 0.0, smooth_sigma: tuple[float, float] | None = None,
+                        shift: float = 0.0, seed: int | None = None) -> Compose:
     """Generic 2D slice pipeline: resize to ``size`` (bilinear / nearest), intensity (default: 8-bit to
     [0, 1], the scale of the shared 2D data; ``{"name": "ctseg2d_domain"}`` maps HU slices into that
     domain exactly as the engine does at inference), then, for training, left-right and up-down flips
     (p = 0.5 each), rotation +-``rotate_deg`` and scaling ``scale`` (one affine, p = 0.5, zero padding).
+
+    Optional intensity augmentation (all off by default, so the papers' recipes are unchanged), in the
+    units of the transformed image (for ``hu_window_01`` over -1024..400 HU, 0.01 is 14.2 HU):
+    ``noise_std`` Gaussian noise of a standard deviation drawn from [0, noise_std] (p = 0.5);
+    ``smooth_sigma`` a Gaussian blur of sigma drawn from that range in pixels (p = 0.25), so the scanner's
+    kernel and dose (how noisy the lung looks) stop being a cue for a lesion; ``shift`` a global offset
+    drawn from [-shift, shift] (p = 0.5), so a few tens of HU of calibration or inspiration difference
+    are not either. Issue 10 uses them: a network trained on two host scans otherwise learns their
+    noise texture as "healthy lung" (docs/default_models.md, section 7).
     """
     label_keys = list(label_keys)
     keys = ["image"] + label_keys
@@ -384,6 +394,13 @@ def slice_2d_transforms(label_keys: Sequence[str], size: int | None = 256, inten
         steps.append(RandAffined(keys, prob=0.5, rotate_range=(math.radians(rotate_deg),),
                                  scale_range=((scale[0] - 1.0, scale[1] - 1.0),),
                                  mode=["bilinear"] + ["nearest"] * len(label_keys), padding_mode="zeros"))
+        if smooth_sigma is not None:
+            lo, hi = (float(v) for v in smooth_sigma)
+            steps.append(RandGaussianSmoothd(["image"], sigma_x=(lo, hi), sigma_y=(lo, hi), prob=0.25))
+        if noise_std > 0:
+            steps.append(RandGaussianNoised(["image"], prob=0.5, std=float(noise_std), sample_std=True))
+        if shift > 0:
+            steps.append(RandShiftIntensityd(["image"], offsets=float(shift), prob=0.5))
     if channels > 1:
         steps.append(RepeatChanneld(["image"], channels))
     steps.append(Finalized(label_keys))

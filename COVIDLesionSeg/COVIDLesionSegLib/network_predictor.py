@@ -325,11 +325,14 @@ class NetworkInfectionModel(NetworkModel):
         progress = progress if progress is not None else self._progress
         probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress), volume)
         if not self.postprocess.is_identity:
-            # The checkpoint's post-processing (postprocess.py) decides which thresholded voxels stay; the
-            # others get probability 0, so the pipeline's threshold gives exactly the kept mask.
+            # The checkpoint's post-processing (postprocess.py) decides which voxels are infection; dropped
+            # voxels get probability 0 and kept ones at least the threshold (confirm_hu_threshold keeps
+            # Hounsfield-band voxels the network scored lower), so the pipeline's threshold gives exactly the
+            # kept mask and the probabilities stay the network's wherever they agree with it.
             kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx,
                                           lungs)
             probs[~kept & (probs >= self.threshold)] = 0.0
+            np.maximum(probs, np.where(kept, np.float32(self.threshold), np.float32(0.0)), out=probs)
         return probs
 
     def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback]) -> np.ndarray:

@@ -460,3 +460,32 @@ def test_slice_step_runs_every_second_lung_slice_and_interpolates_the_others(tmp
         np.testing.assert_allclose(fast[z], 0.5 * (full[z - 1] + full[z + 1]), atol=1e-6)
     with pytest.raises(ValueError, match="slice_step"):
         NetworkModel(path, device="cpu", slice_step=0)
+
+
+def test_confirm_hu_threshold_keeps_the_threshold_s_components_the_network_marks(tmp_path):
+    """confirm_hu_threshold: the output is the hu-threshold mask's components that the network touches,
+    whole (also where the network scored them below its threshold); a component it does not touch goes."""
+    from COVIDLesionSegLib.infection_hu import segment_infection_hu
+
+    zz, yy, xx = np.mgrid[:24, :64, :64]
+    hu = np.full((24, 64, 64), -850.0, dtype=np.float32)
+    a = (zz - 12) ** 2 * 4 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 64     # two 8 mm balls of ground glass
+    b = (zz - 12) ** 2 * 4 + (yy - 44) ** 2 + (xx - 44) ** 2 <= 64
+    hu[a | b] = -600.0                                                 # below the network's -500 HU
+    core = (zz - 12) ** 2 * 4 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 9
+    hu[core] = -400.0                                                  # a denser core in a only
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    volume = CTVolume.from_image(image)
+    lungs = np.ones(hu.shape, dtype=np.uint8)
+    threshold_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx)
+    assert threshold_mask[a].mean() > 0.5 and threshold_mask[b].mean() > 0.5     # the bands find both
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="confirm",
+                       output={"activation": "sigmoid", "postprocess": {"confirm_hu_threshold": True}})
+    model = NetworkInfectionModel(path, device="cpu")
+    probs = model.predict(volume, lungs)
+    kept = probs >= model.info.threshold
+    assert np.array_equal(kept & a, threshold_mask & a)                # all of a, not just the marked core
+    assert (kept & a).sum() > 3 * core.sum()
+    assert not (kept & b).any()                                        # b: the network never marked it
+    assert not kept[~(a | b)].any()

@@ -65,3 +65,21 @@ def test_min_rise_floor_follows_the_scan_s_own_lung_baseline():
         assert kept[5:10, 5:15, 5:15].all() and not kept[15].any(), baseline
     with pytest.raises(ValueError, match="lung mask"):
         rule.apply(mask, hu, SPACING)
+
+
+def test_confirmed_components_keeps_whole_components_that_the_evidence_touches():
+    from COVIDLesionSegLib.postprocess import confirmed_components
+
+    candidates = np.zeros((10, 20, 20), dtype=bool)
+    candidates[2:5, 2:8, 2:8] = True          # touched by one evidence voxel
+    candidates[6:9, 12:18, 12:18] = True      # untouched
+    evidence = np.zeros_like(candidates)
+    evidence[3, 4, 4] = True
+    evidence[0, 19, 19] = True                # evidence outside every candidate adds nothing
+    out = confirmed_components(candidates, evidence)
+    assert out[2:5, 2:8, 2:8].all() and out.sum() == 3 * 6 * 6
+    assert not confirmed_components(candidates, np.zeros_like(candidates)).any()
+    assert InfectionPostprocess.from_spec({"confirm_hu_threshold": True}).is_identity is False
+    with pytest.raises(ValueError, match="lung mask"):
+        InfectionPostprocess(confirm_hu_threshold=True).apply(candidates, np.zeros(candidates.shape, np.float32),
+                                                              SPACING)

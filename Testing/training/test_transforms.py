@@ -121,6 +121,35 @@ def test_flips_really_flip():
     assert {"lr", "ud"} <= seen or {"both"} <= seen
 
 
+def test_intensity_augmentation_is_off_by_default_and_changes_only_the_image_when_on():
+    """noise_std / smooth_sigma / shift (issue 10): off by default, so the papers' recipes are unchanged;
+    when on they alter the image (noise: local variance; shift: a uniform offset) and never the labels."""
+    case = hu_slice_case()
+    geometric = dict(size=None, intensity=None, train=True, flip=False, rotate_deg=0.0, scale=(1.0, 1.0))
+    base = slice_2d_transforms(["lesion"], size=None, intensity=None, train=False)(case.to_dict())
+    plain = slice_2d_transforms(["lesion"], seed=3, **geometric)(case.to_dict())
+    assert torch.equal(plain["image"], base["image"])                       # nothing on by default
+    shifted_any = noisy_any = False
+    for s in range(8):
+        o = slice_2d_transforms(["lesion"], seed=s, shift=25.0, **geometric)(case.to_dict())
+        d = o["image"][0] - base["image"][0]
+        assert torch.equal(o["lesion"], base["lesion"])
+        if float(d.abs().max()) > 0:
+            shifted_any = True
+            assert float(d.max() - d.min()) < 1e-3 and float(d.abs().max()) <= 25.0 + 1e-3   # one offset
+        o = slice_2d_transforms(["lesion"], seed=s, noise_std=30.0, **geometric)(case.to_dict())
+        d = o["image"][0] - base["image"][0]
+        assert torch.equal(o["lesion"], base["lesion"])
+        if float(d.std()) > 1.0:
+            noisy_any = True
+            assert float(d.std()) <= 30.0 * 1.1
+    assert shifted_any and noisy_any                                        # p = 0.5 each: seen in 8 draws
+    blurred = [slice_2d_transforms(["lesion"], seed=s, smooth_sigma=(1.0, 1.5), **geometric)(case.to_dict())
+               for s in range(12)]
+    edges = [float((b["image"][0].diff(dim=-1).abs()).max()) for b in blurred]
+    assert min(edges) < float(base["image"][0].diff(dim=-1).abs().max()) * 0.9   # a blur softens the edges
+
+
 def test_slice_pipeline_on_shared_ctseg2d_and_batching():
     cases = read_covid19ctseg2d(shared_file("covid19ctseg2d/covid19ctseg2d.npz").parent)[:8]
     tf = slice_2d_transforms(["infection", "lung"], size=128, intensity=UINT8_01, train=True, seed=0)
