@@ -159,23 +159,22 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
     sp_zyx = _check_inputs(hu, lungs, spacing_zyx)
     spacing_xyz = tuple(reversed(sp_zyx))
     out = np.zeros(hu.shape, dtype=bool)
-    lung_mask = lungs > 0
-    if not lung_mask.any():
+    # Margin so that the Gaussian does not see the crop edge inside the lungs (3 sigma).
+    margin = [int(math.ceil(3 * SMOOTHING_SIGMA_MM / s)) + 1 for s in sp_zyx]
+    box = bounding_box(lungs, margin)
+    if box is None:
         report(progress, 1.0, "no lungs: no infection")
         return out
 
     report(progress, 0.0, "cropping to the lungs")
-    # Margin so that the Gaussian does not see the crop edge inside the lungs (3 sigma).
-    margin = [int(math.ceil(3 * SMOOTHING_SIGMA_MM / s)) + 1 for s in sp_zyx]
-    box = bounding_box(lung_mask, margin)
-    lung_full = lung_mask[box]
+    lung_full = lungs[box] > 0     # the crop only: no full-size temporary
     crop = hu[box]
 
     # Structure decisions (erosion, openings, components) on a grid of about WORKING_SPACING_MM: the
     # kernels are a few voxels there and the grid has ~3x fewer voxels than 0.75 mm pixels, which is what
     # makes a 512x512x150 CT take seconds. Boundaries come back from the full-resolution band at the end.
-    reference = _geometry(crop.shape, spacing_xyz)
-    grid = _working_grid(reference, FAST_WORKING_SPACING_MM if fast else WORKING_SPACING_MM)
+    size_xyz = [int(n) for n in reversed(crop.shape)]
+    grid = _working_grid(size_xyz, spacing_xyz, FAST_WORKING_SPACING_MM if fast else WORKING_SPACING_MM)
     smooth_np = np.empty(sitk.GetArrayViewFromImage(grid).shape, np.float32)
     lung_np = np.empty(smooth_np.shape, np.float32)
     in_band_full = np.empty(crop.shape, bool)
@@ -207,8 +206,13 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
     kept = _decide(smooth, lung_low, progress)
 
     report(progress, 0.9, "back to full resolution")
-    kept_full = sitk.Resample(kept, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    out[box] = sitk.GetArrayViewFromImage(kept_full).view(bool) & in_band_full & lung_full
+    kept_full = sitk.Resample(kept, size_xyz, sitk.Transform(), sitk.sitkNearestNeighbor, (0.0, 0.0, 0.0),
+                              spacing_xyz, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), 0, sitk.sitkUInt8)
+    # In place: no crop-sized temporaries (they count on 1000-slice scans).
+    np.logical_and(in_band_full, lung_full, out=in_band_full)
+    np.logical_and(in_band_full, sitk.GetArrayViewFromImage(kept_full).view(bool), out=in_band_full)
+    del kept_full
+    out[box] = in_band_full
     report(progress, 1.0, "infection baseline done")
     return out
 
@@ -278,13 +282,6 @@ def _slabs(shape: Sequence[int], sp_zyx: Sequence[float], grid: sitk.Image, slab
         yield core, region, rows
 
 
-def _geometry(shape_zyx: Sequence[int], spacing_xyz: Sequence[float]) -> sitk.Image:
-    """An empty (1-voxel-deep in memory terms: uint8) image with the crop's geometry, origin 0."""
-    image = sitk.Image([int(n) for n in reversed(shape_zyx)], sitk.sitkUInt8)
-    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
-    return image
-
-
 def _rows_of(grid: sitk.Image, rows: slice) -> sitk.Image:
     """The working-grid slices ``rows`` as an image of their own (same spacing, shifted origin)."""
     size = list(grid.GetSize())
@@ -302,21 +299,22 @@ def _like(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
     return image
 
 
-def _working_grid(image: sitk.Image, working_spacing_mm: float = WORKING_SPACING_MM) -> sitk.Image:
-    """An empty image covering the same physical extent with voxels of about ``working_spacing_mm``.
+def _working_grid(size_xyz: Sequence[int], spacing_xyz: Sequence[float],
+                  working_spacing_mm: float = WORKING_SPACING_MM) -> sitk.Image:
+    """An empty image covering the crop's physical extent (crop coordinates: origin 0, identity direction)
+    with voxels of about ``working_spacing_mm``.
 
     Axes already coarser than that (e.g. 2 mm slices) keep their spacing and grid.
     """
-    spacing = np.array(image.GetSpacing())
-    size = np.array(image.GetSize())
+    spacing = np.array(spacing_xyz, dtype=float)
+    size = np.array(size_xyz)
     new_spacing = np.maximum(spacing, working_spacing_mm)
     new_size = np.maximum(1, np.ceil(size * spacing / new_spacing - 1e-6)).astype(int)
     # Same outer edge of the first voxel: origin is a voxel centre, so shift by half a voxel difference.
-    origin = np.array(image.GetOrigin()) + (new_spacing - spacing) / 2.0
+    origin = (new_spacing - spacing) / 2.0
     grid = sitk.Image([int(n) for n in new_size], sitk.sitkUInt8)
     grid.SetSpacing([float(v) for v in new_spacing])
     grid.SetOrigin([float(v) for v in origin])
-    grid.SetDirection(image.GetDirection())
     return grid
 
 

@@ -510,12 +510,34 @@ def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geo
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            nrrd.write(fh, data, header, index_order="C", compression_level=compression_level)
+            _write_nrrd(fh, data, header, compression_level)
 
     return atomic_write(path, write, lambda tmp: verify_nrrd(tmp, data))
 
 
 _SEGMENT_FIELD = re.compile(r"^Segment(\d+)_(\w+)$")
+
+
+def _write_nrrd(fh, data: np.ndarray, header: dict[str, Any], compression_level: int) -> None:
+    """``nrrd.write(fh, data, header, index_order="C")`` for gzip-encoded data, compressed from the array in
+    16 MB pieces: pynrrd first copies the whole array into one bytes object (0.5 GB more for a 1000-slice
+    scan's two layers). The header is pynrrd's own (its header functions; pynrrd's full writer otherwise)."""
+    import nrrd
+
+    try:
+        from nrrd.writer import _handle_header, _write_header
+    except ImportError:  # pragma: no cover - another pynrrd layout: its writer, with the copy
+        nrrd.write(fh, data, header, index_order="C", compression_level=compression_level)
+        return
+    header = _handle_header(data, dict(header), "C")
+    _write_header(fh, header)
+    compressor = zlib.compressobj(compression_level, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    flat = memoryview(np.ascontiguousarray(data)).cast("B")
+    step = 1 << 24
+    for start in range(0, len(flat), step):
+        fh.write(compressor.compress(flat[start:start + step]))
+    fh.write(compressor.flush())
+    fh.flush()
 
 
 def read_segmentation_nrrd(path: PathLike) -> tuple[dict[str, np.ndarray], Geometry]:
@@ -651,11 +673,14 @@ def write_labelmap(path: PathLike, labels: Union[sitk.Image, np.ndarray],
         values = np.unique(array)
         if not np.all(np.isin(values, allowed)):
             raise ValueError(f"labelmap contains values {values.tolist()}; only {list(allowed)} are allowed")
-    out = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
-    if image is not None:
-        out.CopyInformation(image)
+    if image is not None and image.GetPixelID() == sitk.sitkUInt8:
+        out = image      # already what is written: no copy of the volume
     else:
-        geometry.apply_to(out)  # type: ignore[union-attr]
+        out = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
+        if image is not None:
+            out.CopyInformation(image)
+        else:
+            geometry.apply_to(out)  # type: ignore[union-attr]
     expected = sitk.GetArrayViewFromImage(out)
     verify = (lambda tmp: verify_nifti(tmp, expected)) if str(path).lower().endswith((".nii", ".nii.gz")) else None
     return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), useCompression=compress), verify)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,11 +38,14 @@ STAGES = ("read", "check", "lungs", "infection", "quantify", "write")
 #: In the notes of every case run in the fast mode (docs/default_models.md, section 8, measures its cost).
 FAST_MODE_NOTE = ("fast mode: lungs on a 3 mm grid instead of 2 mm, the built-in infection model's decisions on "
                   "2 mm instead of 1.25 mm, a 2D infection network on every second lung slice (the others "
-                  "interpolated); volumes differ by about 1 % from a normal run")
+                  "interpolated); lung volumes within about 0.5 % of a normal run, the infection less exact "
+                  "(docs/default_models.md, section 8)")
 # Rough share of run time per stage, for an overall progress fraction.
 STAGE_WEIGHTS = {"read": 0.05, "check": 0.02, "lungs": 0.35, "infection": 0.45, "quantify": 0.03, "write": 0.10}
 
 StageCallback = Callable[[str, float, str], None]
+#: Above this many voxels (a 512 x 512 x 380 scan) the two output images are written one after the other.
+PARALLEL_WRITE_VOXELS = 100_000_000
 
 
 @dataclass
@@ -146,8 +150,11 @@ class Pipeline:
         if self.infection_model is not None:
             start = time.perf_counter()
             probabilities = self.infection_model.predict(volume, lungs, progress=_stage(on_progress, "infection"))
-            infection = (probabilities >= self.infection_model.info.threshold) & (lungs > 0)
+            # A bool mask (the built-in model) is used as it is; no full-size temporaries either way.
+            infection = (probabilities if probabilities.dtype == bool
+                         else probabilities >= self.infection_model.info.threshold)
             del probabilities
+            np.logical_and(infection, lungs, out=infection)
             timings["infection"] = time.perf_counter() - start
             models["infection"] = _model_record(self.infection_model, self.options.fast)
             notes.extend(getattr(self.infection_model, "notes", []))
@@ -223,15 +230,23 @@ class Pipeline:
         geometry = result.volume.input_geometry
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
             # The two images are compressed and read back at the same time (zlib and ITK's writer release
-            # the GIL): on two cores the slower one is the write time.
-            masks = _segment_masks(lungs, infection)
+            # the GIL): on two cores the slower one is the write time. Scans above PARALLEL_WRITE_VOXELS
+            # write one after the other, so that the two files' buffers are never held together.
+            masks = _segment_masks(lungs, infection)     # also what the DICOM SEG is written from
+            labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))   # the array is freed at once
+            geometry.apply_to(labels_image)
             with ThreadPoolExecutor(max_workers=1) as pool:
-                labels = pool.submit(outputs.write_labelmap, case.staging_path("labels"),
-                                     _labelmap(lungs, infection), geometry)
+                write_labels = partial(outputs.write_labelmap, case.staging_path("labels"), labels_image)
+                del labels_image
+                labels = pool.submit(write_labels) if lungs.size <= PARALLEL_WRITE_VOXELS else None
+                if labels is None:
+                    write_labels()
+                    del write_labels
                 try:
                     outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
                 finally:
-                    labels.result()
+                    if labels is not None:
+                        labels.result()
             extra: dict[str, Any] = {}
             if "dicom_seg" in files:
                 from . import dicom_export

@@ -5,8 +5,10 @@ Two tasks:
 - **lungs**: ``LungModel.segment(volume, progress) -> uint8 (z, y, x)`` with 0 background, 1 right lung,
   2 left lung, on the canonical grid of the :class:`~COVIDLesionSegLib.volume.CTVolume`.
 - **infection**: ``InfectionModel.predict(volume, lungs, progress) -> float32 (z, y, x)`` probabilities in
-  [0, 1] on the same grid. The pipeline thresholds at :attr:`ModelInfo.threshold` and keeps only voxels
-  inside the lungs.
+  [0, 1] on the same grid, or a bool mask from a model that decides without probabilities (the built-in
+  one: a quarter of the memory, 1 GB less on a 512 x 512 x 1000 scan). The pipeline thresholds at
+  :attr:`ModelInfo.threshold` (``mask >= threshold`` is the mask itself) and keeps only voxels inside the
+  lungs.
 
 Learned networks (2D slice-batched or 3D sliding-window, CPU or CUDA) implement the same interface in
 ``network_predictor.py``; the engine never needs to know which kind it runs.
@@ -96,5 +98,4 @@ class HUInfectionModel:
                 progress: Optional[ProgressCallback] = None) -> np.ndarray:
         from .infection_hu import segment_infection_hu
 
-        mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx, progress=progress, fast=self.fast)
-        return mask.astype(np.float32)
+        return segment_infection_hu(volume.hu, lungs, volume.spacing_zyx, progress=progress, fast=self.fast)

@@ -66,6 +66,7 @@ class CTVolume:
     notes: list[str] = field(default_factory=list)
     dicom: Any = field(default=None, repr=False)
     _array: np.ndarray | None = field(default=None, repr=False)
+    _released: "Geometry | None" = field(default=None, repr=False)   # the canonical geometry, pixels freed
 
     @classmethod
     def from_image(cls, image: sitk.Image, name: str = "case", source: str = "",
@@ -79,21 +80,33 @@ class CTVolume:
         return cls(image=canonical, input_geometry=Geometry.of(image), name=name, source=source,
                    notes=list(notes or []))
 
+    def release_pixels(self) -> None:
+        """Free the pixels; the geometry stays, and with it everything the outputs and the report need
+        (:meth:`to_input_array`, :meth:`to_input_geometry`, ``shape``, ``spacing_zyx``). ``hu`` raises after."""
+        if self.image is not None:
+            self._released = Geometry.of(self.image)
+        self._array = None
+        self.image = None  # type: ignore[assignment]
+
     @property
     def hu(self) -> np.ndarray:
         """(z, y, x) array view of the canonical image (not a copy: do not modify in place)."""
+        if self.image is None:
+            raise RuntimeError(f"the pixels of {self.name} were released after its segmentation")
         if self._array is None:
             self._array = sitk.GetArrayViewFromImage(self.image)
         return self._array
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(reversed(self.image.GetSize()))  # type: ignore[return-value]
+        size = self._released.size if self.image is None else self.image.GetSize()
+        return tuple(reversed(size))  # type: ignore[return-value]
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
         """Voxel spacing in mm in array axis order (z, y, x), as the algorithms use it (:func:`stable_spacing`)."""
-        return stable_spacing(reversed(self.image.GetSpacing()))  # type: ignore[return-value]
+        spacing = self._released.spacing if self.image is None else self.image.GetSpacing()
+        return stable_spacing(reversed(spacing))  # type: ignore[return-value]
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -104,7 +117,10 @@ class CTVolume:
         if tuple(array.shape) != self.shape:
             raise ValueError(f"array shape {array.shape} does not match the volume {self.shape}")
         out = sitk.GetImageFromArray(array)
-        out.CopyInformation(self.image)
+        if self.image is None:
+            self._released.apply_to(out)
+        else:
+            out.CopyInformation(self.image)
         return out
 
     def to_input_array(self, array: np.ndarray) -> np.ndarray:

@@ -181,8 +181,7 @@ def test_slabs_give_the_unsplit_result():
     budget = crop_voxels // 5
     margin = [int(np.ceil(3 * infection_hu.SMOOTHING_SIGMA_MM / s)) + 1 for s in vol.spacing_zyx]
     box = bounding_box(lungs > 0, margin)
-    grid = infection_hu._working_grid(infection_hu._geometry([s.stop - s.start for s in box],
-                                                              tuple(reversed(vol.spacing_zyx))))
+    grid = infection_hu._working_grid([s.stop - s.start for s in reversed(box)], tuple(reversed(vol.spacing_zyx)))
     slabs = list(infection_hu._slabs([s.stop - s.start for s in box], vol.spacing_zyx, grid, budget))
     assert len(slabs) >= 4
     # Every working-grid slice is resampled from exactly one slab, and the cores partition the crop.

@@ -332,13 +332,15 @@ def test_atomic_write_failure_leaves_no_file_and_no_temp(tmp_path):
 def test_writers_clean_up_when_interrupted(tmp_path, monkeypatch):
     geometry = oblique_geometry()
     masks = known_masks(geometry)
-    import nrrd
+    from COVIDLesionSegLib import outputs
 
-    def broken_nrrd_write(fh, data, header, **kwargs):
+    def broken_nrrd_write(fh, data, header, *args, **kwargs):
         fh.write(b"NRRD0005\ntype: uint8\n")
         raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C while compressing
 
-    monkeypatch.setattr(nrrd, "write", broken_nrrd_write)
+    # The .seg.nrrd's header and data are written by outputs._write_nrrd (pynrrd's header, data compressed
+    # in pieces): interrupt it there.
+    monkeypatch.setattr(outputs, "_write_nrrd", broken_nrrd_write)
     with pytest.raises(KeyboardInterrupt):
         write_segmentation_nrrd(tmp_path / "case.seg.nrrd", masks, geometry)
 
