@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -228,6 +227,7 @@ def standin_covid19ctseg2d(root: Path, per_group: int = 2) -> None:
     """The shared 2D set's ``covid19ctseg2d.npz`` (uint8 ``images``, ``lung``, ``infection`` (N, 256, 256),
     ``group``): groups 0-7 (coronacases) and 10-19 (Radiopaedia), infected slices, 8-bit stretched."""
     import SimpleITK as sitk
+
     from COVIDLesionSegLib.preprocessing import resize_slices
 
     images, lungs, infs, groups = [], [], [], []

@@ -336,9 +336,9 @@ def synthesize(hu: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], s
 
         def rise_to(target: float, base: np.ndarray) -> np.ndarray:
             """Additive rise that brings the lesion's mean to ``target`` with a smooth texture."""
-            lesion_base = float(np.median(base[inside])) if inside.any() else lung_hu
+            lesion_base = float(np.median(base[inside])) if inside.any() else lung_hu  # noqa: B023
             rise = max(target - lesion_base, cfg.ggo_min_rise_hu)
-            tex = rng.standard_normal(box_shape).astype(np.float32)
+            tex = rng.standard_normal(box_shape).astype(np.float32)  # noqa: B023
             tex = ndimage.gaussian_filter(tex, cfg.texture_sigma_mm / spacing)
             tex /= max(float(tex.std()), 1e-6)
             return rise * np.clip(1.0 + cfg.texture_amplitude * tex, 0.5, 1.5)
@@ -399,7 +399,7 @@ def synthesize_file(host: str | Path, out_dir: str | Path, seed: int, shape_bank
     import SimpleITK as sitk
 
     from COVIDLesionSegLib.outputs import atomic_write, atomic_write_text
-    from training.hard_negatives import read_host   # imports this module: import it here, not at the top
+    from training.hard_negatives import read_host  # imports this module: import it here, not at the top
 
     volume, lung = read_host(host)
     case = synthesize(volume.hu, lung, volume.spacing_zyx, seed, config, shape_bank)

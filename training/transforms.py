@@ -27,9 +27,22 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, EnsureTyped, MapTransform, RandAdjustContrastd, RandAffined,
-                              RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
-                              RandScaleCropd, RandScaleIntensityd, RandShiftIntensityd, Resized, SpatialPadd)
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleCropd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    SpatialPadd,
+)
 
 from COVIDLesionSegLib import preprocessing as engine_pre
 from training.datasets.base import Case, load_case
@@ -252,8 +265,9 @@ def _seeded(transforms: list, seed: int | None) -> Compose:
 
 def case_spacing(case: Case) -> tuple[float, ...]:
     """Voxel spacing (array axis order, canonical) of a 3D case from its header (no pixel read for files)."""
-    import SimpleITK as sitk
     from pathlib import Path
+
+    import SimpleITK as sitk
 
     if case.spacing is not None:
         return tuple(case.spacing)

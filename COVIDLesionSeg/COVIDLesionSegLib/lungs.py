@@ -688,9 +688,9 @@ def _upsample_labels(right: np.ndarray, left: np.ndarray, factors: tuple[int, in
 
             def up(m: np.ndarray) -> np.ndarray:
                 # Exactly the separable interpolation, at these voxels only: y first, then x.
-                ta = m[ya, xa] * (1.0 - wyk) + m[yb, xa] * wyk
-                tb = m[ya, xb] * (1.0 - wyk) + m[yb, xb] * wyk
-                return ta * (1.0 - wxk) + tb * wxk
+                ta = m[ya, xa] * (1.0 - wyk) + m[yb, xa] * wyk  # noqa: B023
+                tb = m[ya, xb] * (1.0 - wyk) + m[yb, xb] * wyk  # noqa: B023
+                return ta * (1.0 - wxk) + tb * wxk  # noqa: B023
 
             pr, pl = up(a), up(b)
             plane[ys, xs] = np.where(pr + pl >= 0.5, np.where(pr >= pl, RIGHT, LEFT), 0)

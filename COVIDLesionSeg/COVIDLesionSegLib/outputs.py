@@ -452,7 +452,6 @@ def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geo
             CPU where level 6 writes 0.3 MB in 0.54 s (a binary mask compresses well at any level; the
             format needs gzip only because raw layers would be ~78 MB per case).
     """
-    import nrrd  # pynrrd
 
     if not masks:
         raise ValueError("no segments to write")

@@ -19,16 +19,26 @@ from __future__ import annotations
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, __version__
-from . import catalogue, checks, io, outputs, quality, quantify
+from . import (
+    LABEL_INFECTION,
+    LABEL_LEFT_LUNG,
+    LABEL_RIGHT_LUNG,
+    __version__,
+    catalogue,
+    checks,
+    io,
+    outputs,
+    quality,
+    quantify,
+)
 from .errors import CovidLesionSegError, InputError, user_message
 from .progress import Cancelled
 from .segments import SEGMENTS

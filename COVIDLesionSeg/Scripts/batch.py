@@ -239,7 +239,7 @@ def _record_failure(writer, case, message: str, started: float) -> None:
         print(f"  (results.csv not updated: {csv_exc})", file=sys.stderr)
 
 
-def run_batch(args) -> int:
+def run_batch(args) -> int:  # noqa: C901 (the batch loop: per-case outcomes are listed in one place)
     from COVIDLesionSegLib import outputs
     from COVIDLesionSegLib.progress import Cancelled
     from COVIDLesionSegLib.slicer_logic import SegmentationLogic

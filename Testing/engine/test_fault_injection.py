@@ -13,7 +13,6 @@ Budget: about a minute on two CPU cores (small phantoms, one model load per run)
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -26,7 +25,6 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import outputs
 from COVIDLesionSegLib.cli import main
-
 from Testing.conftest import REPO_ROOT
 
 from .faults import case_files, cli_command, file_size_limit, fill, tmpfs, write_phantom
@@ -154,7 +152,7 @@ def test_sigint_at_random_points_of_multi_case_runs(cases, tmp_path):
     cases and refusals of complete ones."""
     rng = random.Random(11)
     folders = 0
-    for chain in range(SIGINT_CHAINS):
+    for _chain in range(SIGINT_CHAINS):
         folder, complete = tmp_path / f"run{folders}", set()
         for _ in range(SIGINTS_PER_CHAIN):
             remaining = len(cases["names"]) - len(complete)

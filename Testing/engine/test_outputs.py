@@ -11,17 +11,34 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from COVIDLesionSegLib import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
-from COVIDLesionSegLib import outputs
-from COVIDLesionSegLib.outputs import (OutputExistsError, ResultsHeaderMismatchError, update_results_row,
-                                       atomic_write, check_outputs_free, compose_labelmap, ijk_to_ras_matrix,
-                                       read_results_csv, read_segment_tags, read_segmentation_nrrd,
-                                       write_json_report, write_labelmap, write_segmentation_nrrd)
+from COVIDLesionSegLib import LABEL_INFECTION, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, outputs
+from COVIDLesionSegLib.outputs import (
+    OutputExistsError,
+    ResultsHeaderMismatchError,
+    atomic_write,
+    check_outputs_free,
+    compose_labelmap,
+    ijk_to_ras_matrix,
+    read_results_csv,
+    read_segment_tags,
+    read_segmentation_nrrd,
+    update_results_row,
+    write_json_report,
+    write_labelmap,
+    write_segmentation_nrrd,
+)
 from COVIDLesionSegLib.quantify import CSV_COLUMNS
-from COVIDLesionSegLib.segments import (INFECTION, LEFT_LUNG, REGION_CONTEXT_NAME, RIGHT_LUNG, SEGMENTS,
-                                        TERMINOLOGY_CONTEXT_NAME, TERMINOLOGY_FILE, parse_terminology_entry)
+from COVIDLesionSegLib.segments import (
+    INFECTION,
+    LEFT_LUNG,
+    REGION_CONTEXT_NAME,
+    RIGHT_LUNG,
+    SEGMENTS,
+    TERMINOLOGY_CONTEXT_NAME,
+    TERMINOLOGY_FILE,
+    parse_terminology_entry,
+)
 from COVIDLesionSegLib.volume import Geometry
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 

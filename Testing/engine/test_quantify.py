@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from COVIDLesionSegLib import LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
-from COVIDLesionSegLib.quantify import (CSV_COLUMNS, SEVERITY_CSV_COLUMNS, ZONES, flatten_for_csv, quantify,
-                                       zone_score)
+from COVIDLesionSegLib.quantify import CSV_COLUMNS, SEVERITY_CSV_COLUMNS, ZONES, flatten_for_csv, quantify, zone_score
 
 SPACING_ZYX = (2.0, 1.0, 1.0)  # voxel = 2 mm^3 = 0.002 mL
 

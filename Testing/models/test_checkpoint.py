@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from COVIDLesionSegLib.models import registry
-from COVIDLesionSegLib.models.checkpoint import (FORMAT, FORMAT_VERSION, Checkpoint, CheckpointError, file_sha256,
-                                                 load_checkpoint, metadata_sha256, save_checkpoint,
-                                                 state_dict_sha256)
+from COVIDLesionSegLib.models.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    metadata_sha256,
+    save_checkpoint,
+    state_dict_sha256,
+)
 
 ARCH = "test-ckpt-tiny2d"
 

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from COVIDLesionSegLib.models import architectures, build
-from COVIDLesionSegLib.models.dual_encoder import (CollaborativeUNet, HybridEncoderUNet, MultiEncoderUNet,
-                                                   SelectiveFusion)
+from COVIDLesionSegLib.models.dual_encoder import (
+    CollaborativeUNet,
+    HybridEncoderUNet,
+    MultiEncoderUNet,
+    SelectiveFusion,
+)
 from COVIDLesionSegLib.models.losses import DiceCELoss
 from COVIDLesionSegLib.models.nnunet import NnUNet
 from COVIDLesionSegLib.models.relation import collaborative_relation_losses

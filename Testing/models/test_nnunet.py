@@ -10,8 +10,14 @@ from torch import nn
 
 from COVIDLesionSegLib.models import architectures, build
 from COVIDLesionSegLib.models.losses import DiceCELoss
-from COVIDLesionSegLib.models.nnunet import (PAPER_3D_CHANNELS, PAPER_3D_KERNELS, PAPER_3D_STRIDES, NnUNet,
-                                             encoder_state_dict, network_plan)
+from COVIDLesionSegLib.models.nnunet import (
+    PAPER_3D_CHANNELS,
+    PAPER_3D_KERNELS,
+    PAPER_3D_STRIDES,
+    NnUNet,
+    encoder_state_dict,
+    network_plan,
+)
 
 torch.set_num_threads(2)
 

@@ -13,9 +13,14 @@ import torch
 from COVIDLesionSegLib.models import build
 from COVIDLesionSegLib.models.encoders import ResNetEncoder
 from COVIDLesionSegLib.models.ncovsegnet import ECABottleneck
-from COVIDLesionSegLib.models.pretrained import (IMAGENET_RESNET50_SHA256_PREFIX, IMAGENET_RESNET50_URL,
-                                                 LEGACY_IMAGENET_RESNET50_SHA256, LEGACY_IMAGENET_RESNET50_URL,
-                                                 load_torchvision_resnet_state_dict, verify_torchvision_file_hash)
+from COVIDLesionSegLib.models.pretrained import (
+    IMAGENET_RESNET50_SHA256_PREFIX,
+    IMAGENET_RESNET50_URL,
+    LEGACY_IMAGENET_RESNET50_SHA256,
+    LEGACY_IMAGENET_RESNET50_URL,
+    load_torchvision_resnet_state_dict,
+    verify_torchvision_file_hash,
+)
 
 torch.set_num_threads(2)
 

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from COVIDLesionSegLib.models.relation import (RelationLossWeights, collaborative_relation_losses,
-                                               general_relation_loss, relation_distance, relation_matrix,
-                                               sigmoid_rampup, target_relation_loss)
+from COVIDLesionSegLib.models.relation import (
+    RelationLossWeights,
+    collaborative_relation_losses,
+    general_relation_loss,
+    relation_distance,
+    relation_matrix,
+    sigmoid_rampup,
+    target_relation_loss,
+)
 
 
 def _relation_by_hand(f: np.ndarray) -> np.ndarray:

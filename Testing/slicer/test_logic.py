@@ -458,12 +458,11 @@ def test_warnings_go_to_python_logging(scene, caplog):
 
 
 def test_report_and_dicom_export_from_the_scene(real_ct_run, module_file, tmp_path, monkeypatch):
-    from Testing.engine.dicom_series import write_ct_series
-    from Testing.engine.test_reports import colour_pixels, render_pdf
-
     import highdicom as hd
 
     from COVIDLesionSegLib.dicom_export import DicomExportError
+    from Testing.engine.dicom_series import write_ct_series
+    from Testing.engine.test_reports import colour_pixels, render_pdf
 
     logic = module_file.COVIDLesionSegLogic()
     run, volume = real_ct_run["run"], real_ct_run["volume"]

@@ -13,10 +13,26 @@ import pytest
 import SimpleITK as sitk
 
 from Testing.conftest import shared_file
-from training.datasets import (WINDOWED_0_255, DatasetError, LidcConsensus, load_case, parse_lidc_xml,
-                               read_benchmark_split, read_covid19ctseg, read_covid19ctseg2d, read_covidctmd,
-                               read_lidc, read_medseg, read_medseg100, read_mosmed, read_msd, read_nsclc_effusion,
-                               read_shared_ct, read_structseg, slice_items)
+from training.datasets import (
+    WINDOWED_0_255,
+    DatasetError,
+    LidcConsensus,
+    load_case,
+    parse_lidc_xml,
+    read_benchmark_split,
+    read_covid19ctseg,
+    read_covid19ctseg2d,
+    read_covidctmd,
+    read_lidc,
+    read_medseg,
+    read_medseg100,
+    read_mosmed,
+    read_msd,
+    read_nsclc_effusion,
+    read_shared_ct,
+    read_structseg,
+    slice_items,
+)
 from training.datasets.covid19ctseg import case_id_from_name, group_of
 
 SPACING = (0.8, 0.8, 2.5)  # x, y, z (SimpleITK order)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from Testing.conftest import shared_file
-from training.config import ConfigError, config_from_dict, load_config, CONFIG_DIR
+from training.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
 from training.procedures import ProcedureError, StepInfo
 from training.runs import RunDir, load_training_state
 from training.trainer import Trainer

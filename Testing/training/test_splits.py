@@ -11,9 +11,18 @@ import pytest
 from Testing.conftest import shared_file
 from training.datasets import BENCHMARK_TASK1_TRAIN, Case, read_covid19ctseg2d, read_medseg100
 from training.datasets.covid19ctseg import group_of
-from training.splits import (Split, assert_disjoint, covid19ctseg_folds, ctseg2d_kfold, ctseg2d_protocol_folds,
-                             grouped_holdout,
-                             grouped_kfold, medseg_train_val_test, select, with_validation)
+from training.splits import (
+    Split,
+    assert_disjoint,
+    covid19ctseg_folds,
+    ctseg2d_kfold,
+    ctseg2d_protocol_folds,
+    grouped_holdout,
+    grouped_kfold,
+    medseg_train_val_test,
+    select,
+    with_validation,
+)
 
 
 def toy_cases(sizes: dict[str, int], stratum=None) -> list[Case]:

@@ -14,10 +14,22 @@ from monai.transforms import RandAffined
 from COVIDLesionSegLib import preprocessing as engine_pre
 from Testing.conftest import shared_file
 from training.datasets import Case, LabelRef, load_case, make_dataset, read_covid19ctseg2d
-from training.transforms import (MU_SIGMA_004, UINT8_01, CropToLungBoxd, Intensityd, MaskInputd, ResampleToSpacingd,
-                                 bizopoulos_004_transforms, case_spacing, fit_zscore, multiscale_batch,
-                                 ncovsegnet_transforms, nnunet_3d_transforms, nnunet_target_spacing,
-                                 slice_2d_transforms)
+from training.transforms import (
+    MU_SIGMA_004,
+    UINT8_01,
+    CropToLungBoxd,
+    Intensityd,
+    MaskInputd,
+    ResampleToSpacingd,
+    bizopoulos_004_transforms,
+    case_spacing,
+    fit_zscore,
+    multiscale_batch,
+    ncovsegnet_transforms,
+    nnunet_3d_transforms,
+    nnunet_target_spacing,
+    slice_2d_transforms,
+)
 
 torch.set_num_threads(2)
 

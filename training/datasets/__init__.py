@@ -21,8 +21,18 @@ read_shared_ct              shared real HU volumes (../shared)     nodule (LIDC-
 MONAI dataset; :func:`slice_items` cuts loaded volumes into 2D items.
 """
 
-from .base import (NOT_HU, WINDOWED_0_255, Case, DatasetError, LabelRef, hu_from_0_255, load_case, make_dataset,
-                   read_volume, slice_items)
+from .base import (
+                   NOT_HU,
+                   WINDOWED_0_255,
+                   Case,
+                   DatasetError,
+                   LabelRef,
+                   hu_from_0_255,
+                   load_case,
+                   make_dataset,
+                   read_volume,
+                   slice_items,
+)
 from .covid19ctseg import BENCHMARK_TASK1_TRAIN, read_benchmark_split, read_covid19ctseg
 from .covidctmd import read_covidctmd, read_shared_ct
 from .ctseg2d import ctseg2d_arrays, read_covid19ctseg2d

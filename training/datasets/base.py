@@ -177,7 +177,7 @@ def hu_from_0_255(array: np.ndarray, window: Sequence[float] = (-1250.0, 250.0))
     return (np.asarray(array, dtype=np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)).astype(np.float32)
 
 
-def load_case(case: Case, targets: Sequence[str] | None = None, restore_hu: bool = True,
+def load_case(case: Case, targets: Sequence[str] | None = None, restore_hu: bool = True,  # noqa: C901 (one branch per label source)
               missing: str = "error") -> dict[str, Any]:
     """Load a case into MONAI-ready arrays (see the module docstring for the keys).
 

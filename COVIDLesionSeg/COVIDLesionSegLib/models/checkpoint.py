@@ -139,7 +139,7 @@ def _plain(value: Any, where: str) -> Any:
                           "None, lists and dicts can be stored (the file must load with weights_only=True)")
 
 
-def _validate_metadata(meta: dict[str, Any]) -> None:
+def _validate_metadata(meta: dict[str, Any]) -> None:  # noqa: C901 (one flat list of field checks)
     """Check the fields the predictor relies on; raises CheckpointError naming the field."""
     from ..preprocessing import validate_intensity_spec
 
@@ -468,7 +468,7 @@ def _read_payload(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,  # noqa: C901 (one message per way a file can be wrong)
                     expected_sha256: str | None = None, verify_architecture: bool = True) -> Checkpoint:
     """Read, verify and return a checkpoint.
 

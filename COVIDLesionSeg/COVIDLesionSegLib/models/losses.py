@@ -19,10 +19,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from monai.losses import DeepSupervisionLoss, DiceLoss
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
+from torch import nn
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

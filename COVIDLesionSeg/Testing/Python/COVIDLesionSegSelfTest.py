@@ -32,6 +32,7 @@ class COVIDLesionSegSelfTest(unittest.TestCase):
 
     def test_terminology_loaded(self):
         import vtk
+
         from COVIDLesionSeg import loadTerminology
         from COVIDLesionSegLib.segments import SEGMENTS
 
