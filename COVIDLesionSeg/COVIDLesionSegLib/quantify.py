@@ -238,7 +238,7 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
                                   zone_totals[zone][2] if high is not None else None) for zone in ZONES}
     per_lung[REPORT_KEYS["both"]] = both
 
-    outside = counts["outside"]
+    outside = int(np.count_nonzero(infection & (lungs == 0)))
     if outside:
         notes.append(f"{outside} infection voxels ({_ml(outside, voxel_ml)} mL) lie outside both lung masks "
                      "and are not counted.")
