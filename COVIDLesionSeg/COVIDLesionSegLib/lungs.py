@@ -49,7 +49,8 @@ Algorithm (all heavy work on a ~2 mm grid; ``LungMaskParams`` holds the constant
    slab with index gathers (no full-resolution float volume), and threshold at 0.5.
 
 Measured on the three real scans in ``../shared/data/ct`` on 2 shared cores: 3.5-5 s per 512x512x~150
-scan; a 512x512x1036 int16 volume takes ~13 s with a peak of ~1.4 GB (input included).
+scan before issue 14, about half that CPU time since (the same masks: ``docs/default_models.md`` section 8
+lists what changed); the fast mode (``FAST_PARAMS``, a 3 mm grid) takes about half again.
 """
 
 from __future__ import annotations
