@@ -96,14 +96,6 @@ def raw_probabilities(model, scans: Sequence[Scan]) -> tuple[list[np.ndarray], f
     return out, (time.perf_counter() - t0) / max(1, len(scans))
 
 
-def raw_masks(model, scans: Sequence[Scan], threshold: Optional[float] = None) -> tuple[list[np.ndarray], float]:
-    """Thresholded infection masks inside the lungs (at the model's own threshold unless given), and the
-    seconds per scan."""
-    probs, seconds = raw_probabilities(model, scans)
-    t = model.info.threshold if threshold is None else threshold
-    return [p >= t for p in probs], seconds
-
-
 def thresholds_for(model) -> list[float]:
     """The thresholds swept for a model: its own first, then :data:`THRESHOLDS`."""
     own = float(model.info.threshold)
@@ -150,20 +142,22 @@ def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                     -r["postprocess"].get("min_component_ml", 0.0)))
 
 
-def external_check(model, rule: InfectionPostprocess, labels_csv: Path, p001: Scan, normal: Scan,
-                   threshold: Optional[float] = None) -> dict[str, Any]:
-    """P001 slice agreement with the radiologists' labels and normal001's infected share (reported only)."""
-    out: dict[str, Any] = {}
+def external_checks(model, settings: dict[str, tuple[float, InfectionPostprocess]], labels_csv: Path,
+                    p001: Scan, normal: Scan) -> dict[str, dict[str, Any]]:
+    """Per named ``(threshold, rule)`` setting: P001 slice agreement with the radiologists' labels and
+    normal001's infected share (reported only). Each scan is predicted once for all settings."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in settings}
+    labels = read_slice_labels(labels_csv, "covidctmd_p001_ct")
     for s in (p001, normal):
-        (m,), _ = raw_masks(model, [s], threshold)
-        m = rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs)
-        if s is p001:
-            labels = read_slice_labels(labels_csv, "covidctmd_p001_ct")
-            area = s.in_file_order(m).reshape(len(m), -1).sum(axis=1)[labels["z"]]
-            out["p001"] = {k: (round(v, 4) if isinstance(v, float) else v)
-                           for k, v in slice_agreement(area, labels["infected"]).items()}
-        else:
-            out["normal001_infected_share"] = round(float(m.sum() / max(1, (s.lungs > 0).sum())), 6)
+        (probs,), _ = raw_probabilities(model, [s])
+        for name, (threshold, rule) in settings.items():
+            m = rule.apply(probs >= threshold, s.volume.hu, s.volume.spacing_zyx, s.lungs)
+            if s is p001:
+                area = s.in_file_order(m).reshape(len(m), -1).sum(axis=1)[labels["z"]]
+                out[name]["p001"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                     for k, v in slice_agreement(area, labels["infected"]).items()}
+            else:
+                out[name]["normal001_infected_share"] = round(float(m.sum() / max(1, (s.lungs > 0).sum())), 6)
     return out
 
 
@@ -208,10 +202,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entry: dict[str, Any] = {"seconds_per_scan": round(seconds, 2), "chosen": best, "sweep": rows,
                                  "stored_postprocess": stored.to_spec() if stored is not None else None}
         if ext is not None:
-            labels_csv = SHARED / "ct" / "covidctmd_slice_labels.csv"
-            entry["external_raw"] = external_check(model, InfectionPostprocess(), labels_csv, *ext)
-            entry["external_chosen"] = external_check(model, InfectionPostprocess(**best["postprocess"]),
-                                                      labels_csv, *ext, threshold=best["threshold"])
+            checks = external_checks(model, {
+                "external_raw": (float(model.info.threshold), InfectionPostprocess()),
+                "external_chosen": (best["threshold"], InfectionPostprocess(**best["postprocess"]))},
+                SHARED / "ct" / "covidctmd_slice_labels.csv", *ext)
+            entry.update(checks)
         report["models"][ref] = entry
         print(json.dumps({ref: {k: v for k, v in entry.items() if k != "sweep"}}, indent=1), file=sys.stderr,
               flush=True)
