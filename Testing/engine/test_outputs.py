@@ -260,6 +260,36 @@ def test_seg_nrrd_reader_round_trip_and_header(tmp_path):
     assert tags[INFECTION.name]["TerminologyEntry"] == INFECTION.terminology_entry()
 
 
+@pytest.mark.parametrize("breakage", ["missing", "changed signature"])
+def test_nrrd_writer_falls_back_to_pynrrd_public_writer(tmp_path, monkeypatch, breakage):
+    # The streaming writer uses pynrrd's private header functions; a pynrrd release that renames or changes
+    # them must give the same file through pynrrd's public writer, not a crash or a file without a header.
+    # A pynrrd whose private helpers differ, but whose public writer works: the stand-in public writer puts
+    # the real helpers back for the duration of its own call.
+    import nrrd.writer
+
+    real_helper, real_write, public_calls = nrrd.writer._write_header, nrrd.write, []
+
+    def public_write(*args, **kwargs):
+        public_calls.append(1)
+        with monkeypatch.context() as inside:
+            inside.setattr(nrrd.writer, "_write_header", real_helper, raising=False)
+            return real_write(*args, **kwargs)
+
+    if breakage == "missing":
+        monkeypatch.delattr(nrrd.writer, "_write_header")
+    else:
+        monkeypatch.setattr(nrrd.writer, "_write_header", lambda fh: fh.write(b"never"))
+    monkeypatch.setattr(nrrd, "write", public_write)
+    geometry = oblique_geometry()
+    masks = known_masks(geometry, seed=5)
+    path = write_segmentation_nrrd(tmp_path / "a.seg.nrrd", masks, geometry)
+    assert public_calls == [1]
+    back, _ = read_segmentation_nrrd(path)
+    for name in masks:
+        np.testing.assert_array_equal(back[name], masks[name])
+
+
 def test_seg_nrrd_single_layer_and_empty_segment_load_in_slicer(tmp_path, mrml):
     """Lungs-only output: an empty infection segment; no overlap, so a plain 3D file with one layer."""
     geometry = Geometry(size=(8, 7, 6), spacing=(0.8, 0.8, 3.0), origin=(10.0, -20.0, -300.0),
