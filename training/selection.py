@@ -35,6 +35,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import catalogue
 from COVIDLesionSegLib.evaluation import read_slice_labels, slice_agreement
+from COVIDLesionSegLib.infection_hu import segment_infection_hu
 from COVIDLesionSegLib.metrics import dice
 from COVIDLesionSegLib.network_predictor import NetworkInfectionModel
 from COVIDLesionSegLib.postprocess import InfectionPostprocess
@@ -45,11 +46,14 @@ from training.hard_negatives import read_host
 SHARED = shared_data_dir()
 #: Probability thresholds tried on the validation data (the checkpoint's own threshold is always tried
 #: first, and wins ties). A network trained on two hosts can be confident on lesions and merely unsure on a
-#: new scanner's healthy lung; a higher threshold is the simplest rule that separates the two.
-THRESHOLDS = (0.5, 0.7, 0.9)
+#: new scanner's healthy lung; a higher threshold is the simplest rule that separates the two. The low ones
+#: serve the network as evidence for ``confirm_hu_threshold``: a faint mark on a dense component is enough.
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: The post-processing settings tried on the validation data.
 GRID = {"min_component_ml": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0), "min_hu": (None, -850.0, -800.0, -750.0),
         "min_rise_hu": (None, 50.0, 100.0, 150.0)}
+#: Growth of the confirmed components into the network's mask (``grow_mm``) tried with the confirmation.
+GROW_MM = (0.0, 5.0, 10.0, 15.0)
 
 
 @dataclass
@@ -102,12 +106,19 @@ def thresholds_for(model) -> list[float]:
     return [own] + [t for t in THRESHOLDS if abs(t - own) > 1e-9]
 
 
-def grid_settings(grid: dict[str, Iterable] = GRID) -> list[InfectionPostprocess]:
+def grid_settings(grid: dict[str, Iterable] = GRID, grow_mm: Iterable[float] = GROW_MM) -> list[InfectionPostprocess]:
     """Every combination of ``grid``, then the network as a filter of ``hu-threshold``
-    (``confirm_hu_threshold``, on its own: the HU rules would only thin the evidence)."""
+    (``confirm_hu_threshold``, on its own: the HU rules would only thin the evidence), grown by each of
+    ``grow_mm`` into the network's mask."""
     keys = list(grid)
     rules = [InfectionPostprocess(**dict(zip(keys, values))) for values in itertools.product(*grid.values())]
-    return rules + [InfectionPostprocess(confirm_hu_threshold=True)]
+    return rules + [InfectionPostprocess(confirm_hu_threshold=True, grow_mm=g) for g in grow_mm]
+
+
+def hu_threshold_mask(scan: Scan) -> np.ndarray:
+    """The engine's Hounsfield-band infection mask of a scan (what ``confirm_hu_threshold`` filters),
+    computed once per scan for the whole sweep."""
+    return segment_infection_hu(scan.volume.hu, scan.lungs, scan.volume.spacing_zyx)
 
 
 def validation_scores(masks: Sequence[np.ndarray], scans: Sequence[Scan], host: Optional[Scan],
@@ -150,8 +161,9 @@ def external_checks(model, settings: dict[str, tuple[float, InfectionPostprocess
     labels = read_slice_labels(labels_csv, "covidctmd_p001_ct")
     for s in (p001, normal):
         (probs,), _ = raw_probabilities(model, [s])
+        hu_mask = hu_threshold_mask(s)
         for name, (threshold, rule) in settings.items():
-            m = rule.apply(probs >= threshold, s.volume.hu, s.volume.spacing_zyx, s.lungs)
+            m = rule.apply(probs >= threshold, s.volume.hu, s.volume.spacing_zyx, s.lungs, hu_mask=hu_mask)
             if s is p001:
                 area = s.in_file_order(m).reshape(len(m), -1).sum(axis=1)[labels["z"]]
                 out[name]["p001"] = {k: (round(v, 4) if isinstance(v, float) else v)
@@ -188,13 +200,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (host_probs,), _ = raw_probabilities(model, [host])
         network = isinstance(model, NetworkInfectionModel)
         settings = grid_settings() if network else [InfectionPostprocess()]
+        hu_masks = [hu_threshold_mask(s) for s in scans] if network else [None] * len(scans)
+        host_hu_mask = hu_threshold_mask(host) if network else None
         rows = []
         for t in (thresholds_for(model) if network else [float(model.info.threshold)]):
             masks = [p >= t for p in probs]
             host_mask = host_probs >= t
             for rule in settings:
-                kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs) for m, s in zip(masks, scans)]
-                kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx, host.lungs)
+                kept = [rule.apply(m, s.volume.hu, s.volume.spacing_zyx, s.lungs, hu_mask=h)
+                        for m, s, h in zip(masks, scans, hu_masks)]
+                kept_host = rule.apply(host_mask, host.volume.hu, host.volume.spacing_zyx, host.lungs,
+                                       hu_mask=host_hu_mask)
                 rows.append({"threshold": t, "postprocess": rule.to_spec(),
                              **validation_scores(kept, scans, host, kept_host)})
         del probs, host_probs

@@ -83,3 +83,46 @@ def test_confirmed_components_keeps_whole_components_that_the_evidence_touches()
     with pytest.raises(ValueError, match="lung mask"):
         InfectionPostprocess(confirm_hu_threshold=True).apply(candidates, np.zeros(candidates.shape, np.float32),
                                                               SPACING)
+
+
+def test_grown_components_take_the_candidates_near_confirmed_voxels_only():
+    from COVIDLesionSegLib.postprocess import grown_components
+
+    spacing = (2.0, 1.0, 1.0)
+    confirmed = np.zeros((12, 40, 40), dtype=bool)
+    confirmed[6, 10, 10] = True
+    candidates = np.zeros_like(confirmed)
+    candidates[6, 10, 10:40] = True            # a streak from the core outwards, x = 10..39 (1 mm voxels)
+    candidates[6:12, 10, 10] = True            # and upwards, z = 6..11 (2 mm voxels)
+    out = grown_components(confirmed, candidates, spacing, grow_mm=5.0)
+    assert out[6, 10, 10:16].all() and not out[6, 10, 16:].any()     # 0..5 mm along x, nothing beyond
+    assert out[6:9, 10, 10].all() and not out[9:, 10, 10].any()      # 0, 2, 4 mm along z: anisotropic spacing
+    assert not (out & ~(confirmed | candidates)).any()                # never a voxel neither mask has
+    assert np.array_equal(grown_components(confirmed, candidates, spacing, 0.0), confirmed)
+    assert not grown_components(np.zeros_like(confirmed), candidates, spacing, 5.0).any()
+
+
+def test_grow_mm_grows_the_confirmed_threshold_mask_into_the_network_s_rim():
+    # A lesion whose dense core the Hounsfield bands find and whose faint rim only the "network" marks; a
+    # second network mark far from any core (a false positive on healthy lung) must not be kept.
+    zz, yy, xx = np.mgrid[:16, :48, :48]
+    hu = np.full((16, 48, 48), -870.0, dtype=np.float32)
+    core = (zz - 8) ** 2 * 4 + (yy - 16) ** 2 + (xx - 16) ** 2 <= 16      # a 4 mm ball at -450 HU
+    rim = ((zz - 8) ** 2 * 4 + (yy - 16) ** 2 + (xx - 16) ** 2 <= 64) & ~core
+    hu[core] = -450.0
+    hu[rim] = -800.0                                                     # too faint for the bands
+    far = (zz - 8) ** 2 * 4 + (yy - 38) ** 2 + (xx - 38) ** 2 <= 16
+    network = core | rim | far
+    lungs = np.ones(hu.shape, dtype=bool)
+    confirm = InfectionPostprocess.from_spec({"confirm_hu_threshold": True})
+    grow = InfectionPostprocess.from_spec({"confirm_hu_threshold": True, "grow_mm": 10.0})
+    only_confirmed = confirm.apply(network, hu, SPACING, lungs)
+    grown = grow.apply(network, hu, SPACING, lungs)
+    assert only_confirmed[core].mean() > 0.5 and only_confirmed[rim].mean() < 0.2, (only_confirmed[core].mean(), only_confirmed[rim].mean())
+    assert grown[rim | core].all() and not grown[far].any()
+    # The caller's Hounsfield-band mask is used when given (the selection sweep computes it once).
+    assert not grow.apply(network, hu, SPACING, lungs, hu_mask=np.zeros_like(lungs)).any()
+    with pytest.raises(ValueError, match="needs confirm_hu_threshold"):
+        InfectionPostprocess.from_spec({"grow_mm": 5.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        InfectionPostprocess.from_spec({"confirm_hu_threshold": True, "grow_mm": -1.0})

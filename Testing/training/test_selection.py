@@ -54,6 +54,16 @@ def test_choose_by_youden_then_dsc_then_smaller_components_then_first():
 
 def test_the_models_own_threshold_is_swept_first():
     own = SimpleNamespace(info=SimpleNamespace(threshold=0.5))
-    assert thresholds_for(own) == [0.5, 0.7, 0.9]
+    assert thresholds_for(own) == [0.5, 0.1, 0.3, 0.7, 0.9]
     own.info.threshold = 0.6
-    assert thresholds_for(own) == [0.6, 0.5, 0.7, 0.9]
+    assert thresholds_for(own) == [0.6, 0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+def test_the_grid_tries_the_confirmation_with_each_growth():
+    from training.selection import GROW_MM, grid_settings
+
+    rules = grid_settings({"min_component_ml": (0.0, 1.0)})
+    assert [r.min_component_ml for r in rules[:2]] == [0.0, 1.0] and not any(r.confirm_hu_threshold for r in rules[:2])
+    confirm = rules[2:]
+    assert all(r.confirm_hu_threshold for r in confirm) and [r.grow_mm for r in confirm] == list(GROW_MM)
+    assert GROW_MM[0] == 0.0        # the plain confirmation stays a candidate
