@@ -5,7 +5,7 @@ Commands::
     python -m training run CONFIG [--resume] [--out RUNS] [--device auto|cpu|cuda] [--set key=value ...]
     python -m training cv CONFIG [--out RUNS] [--folds 0,1] [--resume] [--device ...] [--set ...]
     python -m training table RUNS... [--markdown OUT.md] [--csv OUT.csv] [--metrics dsc,nsd,...]
-    python -m training export RUN [-o FILE] [--half] [--which best|last] [--model-id ID]
+    python -m training export RUN [-o FILE] [--half] [--which best|last] [--model-id ID] [--description TEXT]
     python -m training dryrun CONFIG... | --all [--out DIR]   # every stage at tiny size (training/dryrun.py)
     python -m training procedures        # the registered procedures
     python -m training configs           # the configs in training/configs
@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="checkpoint file (default: RUN/model.pt)")
     e.add_argument("--half", action="store_true", help="store weights as float16")
     e.add_argument("--which", choices=("best", "last"), default="best")
-    e.add_argument("--model-id", default=None)
+    e.add_argument("--model-id", default=None, help="model id to store (default: the config's export.model_id)")
+    e.add_argument("--description", default=None,
+                   help="description to store (default: the config's export.description)")
     e.add_argument("--postprocess", default=None, metavar="JSON",
                    help='infection post-processing to store, e.g. \'{"min_component_ml": 1.0, "min_rise_hu": 150}\' '
                         "(chosen with python -m training.selection)")
@@ -166,7 +168,7 @@ def cmd_export(args) -> int:
 
     postprocess = json.loads(args.postprocess) if args.postprocess else None
     path, sha = export_run(args.run, args.output, half=args.half, which=args.which, model_id=args.model_id,
-                           postprocess=postprocess, threshold=args.threshold)
+                           postprocess=postprocess, threshold=args.threshold, description=args.description)
     print(f"wrote {path} (sha256 {sha})", flush=True)
     return EXIT_OK
 

@@ -76,12 +76,15 @@ def _input_spec(config: Mapping[str, Any], preprocessing: Mapping[str, Any], sta
 
 def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
                which: str = "best", model_id: str | None = None,
-               postprocess: dict | None = None, threshold: float | None = None) -> tuple[Path, str]:
+               postprocess: dict | None = None, threshold: float | None = None,
+               description: str | None = None) -> tuple[Path, str]:
     """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
 
     ``postprocess``: the infection post-processing chosen after training (``python -m training.selection``)
     to store as ``output.postprocess``; it overrides the run config's ``export.output.postprocess``.
     ``threshold``: the probability threshold chosen there (``output.threshold``; default ``eval.threshold``).
+    ``model_id`` / ``description``: override the config's ``export.model_id`` / ``export.description`` (one
+    run exported with two post-processings ships as two models).
 
     Raises:
         RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
@@ -141,7 +144,7 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
     sha = save_checkpoint(out, state_dict, model_config=model_config, input_spec=input_spec, labels=labels,
                           output=output_spec, task=task,
                           model_id=model_id or ex["model_id"] or f"{config['name']}-fold{fold}",
-                          version=str(ex["version"]), description=ex["description"] or config["description"],
+                          version=str(ex["version"]), description=description or ex["description"] or config["description"],
                           provenance=provenance, half=half)
     return out, sha
 

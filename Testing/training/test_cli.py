@@ -174,9 +174,12 @@ def test_export_2d_run_loads_in_engine_and_segments_real_ct(tmp_path):
         assert torch.allclose(v, best[k].float(), atol=1e-2, rtol=1e-2), k
     # The threshold and post-processing chosen by training.selection are stored as given ...
     assert main(["export", str(run), "-o", str(tmp_path / "chosen.pt"), "--threshold", "0.7",
-                 "--postprocess", '{"min_component_ml": 1.0}']) == EXIT_OK
+                 "--postprocess", '{"min_component_ml": 1.0}', "--model-id", "chosen-model",
+                 "--description", "the run with its chosen setting"]) == EXIT_OK
     chosen = load_checkpoint(tmp_path / "chosen.pt")
     assert chosen.output["threshold"] == 0.7 and chosen.output["postprocess"] == {"min_component_ml": 1.0}
+    assert chosen.model_id == "chosen-model" and chosen.description == "the run with its chosen setting"
+    assert ckpt.model_id != "chosen-model" and ckpt.description != chosen.description
     assert ckpt.output["threshold"] == 0.5                   # ... and only when given
     assert main(["export", str(run), "-o", str(tmp_path / "bad.pt"), "--threshold", "1.5"]) != EXIT_OK
     assert not (tmp_path / "bad.pt").exists()
