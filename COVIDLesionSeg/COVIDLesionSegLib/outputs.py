@@ -82,8 +82,9 @@ class OutputWriteError(OutputError, OSError):
     the same way)."""
 
 
-class ResultsHeaderMismatchError(ValueError):
-    """An existing ``results.csv`` has different columns from the ones this version writes."""
+class ResultsHeaderMismatchError(OutputError, ValueError):
+    """An existing ``results.csv`` has different columns from the ones this version writes (the user's to
+    resolve: one "error:" line, no traceback)."""
 
 
 #: errno values that mean "no room for this file" (full disk, quota, the process's file-size limit).
@@ -999,7 +1000,15 @@ def prepare_output_folder(folder: PathLike) -> Path:
     except OSError as exc:
         raise OutputWriteError(f"{folder}: the output folder is not writable ({exc.strerror or exc}); choose "
                                "another folder with -o/--output or fix its permissions") from None
+    check_results_table(folder)
     return folder
+
+
+def check_results_table(folder: PathLike) -> None:
+    """Raise :class:`ResultsHeaderMismatchError` now when the folder's ``results.csv`` has other columns than
+    this version writes (one from an older version, say): every case would otherwise be computed and then
+    fail at its commit, leaving its results unwritten."""
+    _read_table(Path(folder) / RESULTS_FILE, list(RESULTS_COLUMNS))
 
 
 def own_outputs(folder: PathLike) -> set[Path]:
@@ -1094,6 +1103,7 @@ class CaseWriter:
         present = [self.final_path(k) for k in self.files if self.final_path(k).exists()]
         if state == "complete" and not self.overwrite:
             raise OutputExistsError(present)
+        check_results_table(self.outdir)
         if state == "incomplete":
             return [f"case {self.name}: the earlier output is incomplete ({', '.join(p.name for p in present)}; "
                     "its report is missing or lists a missing file); writing the case again"]

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from COVIDLesionSegLib.cli import main
 from COVIDLesionSegLib.errors import InputError
 from COVIDLesionSegLib.evaluation import evaluate_slice_labels, read_slice_labels, roc_auc, slice_agreement
+from COVIDLesionSegLib.outputs import ResultsHeaderMismatchError
 from COVIDLesionSegLib.phantom import make_chest_phantom
 from COVIDLesionSegLib.pipeline import Pipeline, SegmentOptions
 from COVIDLesionSegLib.progress import Cancelled
@@ -198,6 +199,26 @@ def test_existing_outputs_are_not_overwritten_without_flag(tmp_path, capsys):
     assert main(["segment", str(ct), "-o", str(out), "--quiet", "--overwrite", "--lungs-only"]) == 0
     report = json.loads((out / "phantom.json").read_text())
     assert "infection" not in report["models"]
+
+
+def test_an_old_results_table_stops_the_run_before_any_case_is_computed(tmp_path, capsys):
+    # A results.csv from a version with other columns: said at once, nothing computed or changed (before,
+    # every case ran to its commit and then failed there, its results unwritten).
+    ct, _ = _phantom_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("case,status,infection_ml\nold_case,ok,12.5\n")
+    before = (out / "results.csv").read_bytes()
+    stages = []
+    pipeline = Pipeline(SegmentOptions())
+    with pytest.raises(ResultsHeaderMismatchError, match="move the old results.csv away"):
+        pipeline.segment_file(ct, out, on_progress=lambda stage, fraction, message: stages.append(stage))
+    assert stages == []                                       # refused before reading the CT
+    assert main(["segment", str(ct), str(ct), "-o", str(out), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "different columns" in err and "infection_ml" in err and err.count("different columns") == 1
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["results.csv"]   # no case files
+    assert (out / "results.csv").read_bytes() == before
 
 
 def test_cancel_writes_nothing(tmp_path):
