@@ -6,8 +6,9 @@ External check (the issue's targets, on scans no model saw in training):
 - ``covidctmd_p001_ct``: the infection segmented by ``covidlesionseg segment`` with no ``--model`` is compared
   per axial slice with the radiologists' labels (``covidctmd_slice_labels.csv``). A slice counts as predicted
   infected when it holds at least one infection voxel - the plain reading of "predicted infection per axial
-  slice"; no area threshold is tuned on this scan. Targets: sensitivity and specificity >= 0.85.
-- ``covidctmd_normal001_ct``: at most 0.5 % of the lung volume segmented as infection.
+  slice"; no area threshold is tuned on this scan. Asserted: sensitivity >= 0.90 (issue 10's target) and
+  specificity >= 0.85 (issue 6's; issue 10's 0.90 is not reached: 0.882, docs/default_models.md section 7.6).
+- ``covidctmd_normal001_ct``: at most 0.2 % of the lung volume segmented as infection (issue 10).
 
 Which model is the default is the manifest's choice (docs/default_models.md says why); these tests check
 whatever the catalogue resolves, so a new default must meet the same targets.
@@ -68,13 +69,25 @@ def test_default_segment_uses_the_catalogue_defaults(default_run):
     assert report["models"]["lungs"]["id"] == catalogue.default_model_id("lungs")
 
 
+def test_models_list_names_the_default_infection_model_with_version_and_licence():
+    default = catalogue.default_model_id("infection")
+    entry = next(r for r in _manifest()["models"] if r["id"] == default)    # a shipped model, not a built-in
+    result = _cli("models", "list", manifest=SHIPPED_MANIFEST)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(default + " "))
+    assert lines[i].rstrip().endswith("(default)") and f"v{entry['version']}" in lines[i].split()
+    assert entry["licence"] in lines[i + 1]
+    assert sum(ln.rstrip().endswith("(default)") and " infection " in ln for ln in lines) == 1
+
+
 def test_default_p001_slice_sensitivity_and_specificity(default_run):
     status, out = default_run
     assert status == 0
     labels = slice_labels(f"{P001}.nii.gz")
     assert labels["infected"].sum() == 80 and (~labels["infected"]).sum() > 0
     got = slice_agreement(_labelmap(out, P001)[labels["z"]] == LABEL_INFECTION, labels["infected"])
-    assert got["sensitivity"] >= 0.85, got
+    assert got["sensitivity"] >= 0.90, got
     assert got["specificity"] >= 0.85, got
     # The infected area ranks infected slices above clean ones far better than chance.
     assert got["auc"] >= 0.85, got
@@ -87,7 +100,7 @@ def test_default_normal001_infected_share_near_zero(default_run):
     lung = int((labelmap > 0).sum())
     assert lung > 1_000_000  # the lungs were found (about 4 L at 0.63 x 0.63 x 2 mm)
     share = float((labelmap == LABEL_INFECTION).sum()) / lung
-    assert share <= 0.005, f"{share:.4%} of the normal lungs segmented as infection"
+    assert share <= 0.002, f"{share:.4%} of the normal lungs segmented as infection"
     report = json.loads((out / f"{NORMAL}.json").read_text())
     assert report["quantification"] is not None
 

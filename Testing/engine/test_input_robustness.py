@@ -227,10 +227,17 @@ def test_device_cuda_with_cpu_only_models_prints_a_note(tmp_path, capsys):
     image, _ = make_chest_phantom(shape_zyx=(40, 96, 104), spacing_zyx=(6.0, 3.6, 3.4))
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(path))
-    assert main(["segment", str(path), "-o", str(tmp_path / "cuda"), "--device", "cuda", "--quiet"]) == 0
+    assert main(["segment", str(path), "-o", str(tmp_path / "cuda"), "--device", "cuda", "--quiet",
+                 "--model", "hu-threshold"]) == 0
     err = capsys.readouterr().err
     note = [line for line in err.splitlines() if "--device cuda" in line]
     assert note and "hu-lungs" in note[0] and "hu-threshold" in note[0] and "CPU" in note[0], err
+    import torch
+
+    if not torch.cuda.is_available():
+        # The default infection model is a network: a GPU that is not there is an error that says what to do.
+        assert main(["segment", str(path), "-o", str(tmp_path / "nocuda"), "--device", "cuda", "--quiet"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
     assert main(["segment", str(path), "-o", str(tmp_path / "cpu"), "--device", "cpu", "--quiet",
                  "--lungs-only"]) == 0
     assert "--device cuda" not in capsys.readouterr().err
