@@ -25,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import ModelError
 from .predictor import HUInfectionModel, HULungModel
@@ -121,6 +121,21 @@ def default_model_id(task: str) -> str:
         if entry is not None and entry.available:
             return chosen
     return BUILTIN_DEFAULTS[task]
+
+
+def default_fallback_note(task: str) -> Optional[str]:
+    """What to tell the user when the manifest's default for ``task`` cannot be used (its file is missing) and
+    :func:`default_model_id` falls back to the built-in model; ``None`` when the default is the manifest's.
+    Results made with the fallback differ from the documented default's, so they must not look the same."""
+    chosen = _read_manifest(MANIFEST_PATH).get("defaults", {}).get(task)
+    used = default_model_id(task)
+    if not chosen or chosen == used:
+        return None
+    entry = next((e for e in list_models() if e.model_id == chosen), None)
+    where = f" ({entry.path})" if entry is not None and entry.path else ""
+    return (f"the default {task} model {chosen!r} is not available{where}; the built-in {used!r} was used "
+            "instead, whose results differ (docs/default_models.md). Reinstall the extension or the package to "
+            f"restore it, or choose a model with --model (`covidlesionseg models list`)")
 
 
 def get_entry(model_id: str) -> ModelEntry:

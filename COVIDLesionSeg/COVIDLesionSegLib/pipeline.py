@@ -136,10 +136,16 @@ class Pipeline:
         self.lung_model = catalogue.load_model(opts.lung_model or catalogue.default_model_id("lungs"), "lungs",
                                                opts.device, fast=opts.fast)
         self.infection_model = None
+        #: Notes for every case (a default model that fell back to the built-in one).
+        self.model_notes: list[str] = []
         if not opts.lungs_only:
             self.infection_model = catalogue.load_model(
                 opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device,
                 fast=opts.fast)
+        for task, chosen in (("lungs", opts.lung_model), ("infection", opts.infection_model)):
+            note = None if chosen or (task == "infection" and opts.lungs_only) else catalogue.default_fallback_note(task)
+            if note:
+                self.model_notes.append(note)
 
     # -- in memory ---------------------------------------------------------------------------------------------
     def run(self, volume: CTVolume, on_progress: Optional[StageCallback] = None,
@@ -147,7 +153,7 @@ class Pipeline:
         """Segment and measure ``volume``; ``dicom`` (its source series, when it was read from one) adds the
         header-based quality checks (slice thickness, tilt, spacing, contrast agent) and the DICOM outputs."""
         timings = {} if timings is None else timings
-        notes = list(volume.notes)
+        notes = list(volume.notes) + self.model_notes
         if self.options.fast:
             notes.append(FAST_MODE_NOTE)
 

@@ -371,3 +371,30 @@ def test_contrast_and_metal_warnings_on_the_real_scans(real_run):
     for name in ("covidctmd_p001_ct", "covidctmd_normal001_ct"):
         assert "contrast_enhanced" not in codes[name] and "metal" not in codes[name], (name, codes[name])
         assert "implausible_lung_volume" not in codes[name] and "lung_imbalance" not in codes[name]
+
+
+def test_a_missing_default_model_file_is_said_not_silently_replaced(tmp_path, monkeypatch, capsys):
+    # A broken install without the default's weight file: the built-in model runs, and every case says so (in
+    # the console and in its JSON), since its results differ from the documented default's.
+    from COVIDLesionSegLib import catalogue
+
+    manifest = json.loads(catalogue.MANIFEST_PATH.read_text())
+    default = manifest["defaults"]["infection"]
+    if default == catalogue.BUILTIN_DEFAULTS["infection"]:
+        pytest.skip("the default infection model is the built-in one")
+    copy = tmp_path / "models" / "manifest.json"         # the manifest without the weight files beside it
+    copy.parent.mkdir()
+    copy.write_text(json.dumps(manifest))
+    monkeypatch.setattr(catalogue, "MANIFEST_PATH", copy)
+    assert catalogue.default_model_id("infection") == catalogue.BUILTIN_DEFAULTS["infection"]
+    ct, _ = _phantom_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(ct), "-o", str(out), "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert f"the default infection model {default!r} is not available" in err and "Reinstall" in err
+    report = json.loads((out / "phantom.json").read_text())
+    assert report["models"]["infection"]["id"] == catalogue.BUILTIN_DEFAULTS["infection"]
+    assert any(default in note and "instead" in note for note in report["notes"])
+    # With the shipped manifest (file present) there is no such note, and a chosen model never gets one.
+    monkeypatch.undo()
+    assert catalogue.default_fallback_note("infection") is None and catalogue.default_fallback_note("lungs") is None
