@@ -74,8 +74,10 @@ Slicer stays usable, the progress bar shows the stage and the remaining time, an
 without changing the scene. Results are editable segments ("Right lung", "Left lung", "COVID-19 infection")
 with standard terminology; press <b>Edit in Segment Editor</b> to correct them. The quantification appears in
 the results table and can be exported as CSV. Re-running replaces only this module's segments, after asking.</p>
-<p>Models: built-in Hounsfield-unit methods need no download and no GPU; learned models (see the model
-list) need PyTorch, which is installed on first use after you confirm.</p>
+<p>Models: the default infection model combines the built-in Hounsfield-band method with a small learned
+network (it keeps the dense opacities the network recognises and adds their faint rim); built-in
+Hounsfield-unit methods need no download and no GPU; learned models (see the model list) need PyTorch, which
+is installed on first use after you confirm.</p>
 <p>Methods implemented by the project (see its documentation for details):</p>
 <ul>
 <li>Wang et al., "Does Non-COVID19 Lung Lesion Help? Investigating Transferability in COVID-19 CT Image
