@@ -95,6 +95,7 @@ class CovidLesionSegWebApp(TrameApp):
         self.run = None
         self._observed: list[tuple[Any, int]] = []
         self._remeasure_handle: Optional[asyncio.TimerHandle] = None
+        self._writing = False
         self._init_state()
         self._build_ui()
         self.server.controller.on_server_bind.add(self._add_routes)
@@ -284,7 +285,10 @@ class CovidLesionSegWebApp(TrameApp):
             self._set_opacity(state.cls_opacity)
             editor = self.slicer_app.segmentation_editor
             editor.set_active_segmentation(self.segmentation_node, self.volume_node)
-            self.slicer_app.display_manager.show_volume(self.volume_node, do_reset_views=False)
+            # The editor's own 3D switch (its Rendering section) follows the page's "3D" choice.
+            self.editor_logic.data.segment_display.show_3d = bool(state.cls_show_3d)
+            editor.set_surface_representation_enabled(bool(state.cls_show_3d))
+            self._show_surfaces_in_3d()
             self._observe_segments()
             state.cls_progress = 100
             summary = f"Done in {format_duration(run.elapsed_s)}."
@@ -305,6 +309,15 @@ class CovidLesionSegWebApp(TrameApp):
             state.cls_error = run.error or "The segmentation failed."
 
     # -- looking -------------------------------------------------------------------------------------------------
+    def _show_surfaces_in_3d(self) -> None:
+        """The 3D view shows the segments' surfaces, not the CT's volume rendering (which would hide them)."""
+        vr = self.slicer_app.volume_rendering
+        if self.volume_node is not None and vr.has_vr_display_node(self.volume_node):
+            vr.get_vr_display_node(self.volume_node).SetVisibility(False)
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_camera()
+            view.schedule_render()
+
     def _set_opacity(self, opacity) -> None:
         display = self.segmentation_node.GetDisplayNode() if self.segmentation_node is not None else None
         if display is not None:
@@ -333,8 +346,8 @@ class CovidLesionSegWebApp(TrameApp):
         self._observed = []
 
     def _on_segments_modified(self, *_args) -> None:
-        if self.run is not None and not self.run.done:
-            return
+        if self._writing or (self.run is not None and not self.run.done):
+            return     # writing the downloads reads the segments (and fires these events); a run replaces them
         if self._remeasure_handle is not None:
             self._remeasure_handle.cancel()
         try:
@@ -370,8 +383,12 @@ class CovidLesionSegWebApp(TrameApp):
         try:
             report = stored_report(self.table_node) or {}
             folder = self.session.new_output_folder()
-            paths = write_outputs(folder, self.volume_node, self.segmentation_node, self.table_node, report,
-                                  self.state.cls_case or "case")
+            self._writing = True
+            try:
+                paths = write_outputs(folder, self.volume_node, self.segmentation_node, self.table_node, report,
+                                      self.state.cls_case or "case")
+            finally:
+                self._writing = False
             links = [{"kind": kind, "label": DOWNLOAD_LABELS[kind], "name": path.name,
                       "href": f"{ROUTE}/download/{path.relative_to(self.session.outputs).as_posix()}"}
                      for kind, path in paths.items()]
@@ -404,7 +421,7 @@ class CovidLesionSegWebApp(TrameApp):
             layout.typed_state.data.active_tool = "cls"
             name = layout.typed_state.name
             with layout.drawer:
-                with html.Div(v_if=(f"{name.active_tool} === 'cls'",), classes="pa-3", id="cls-panel"):
+                with html.Div(v_show=(f"{name.active_tool} === 'cls'",), classes="pa-3", id="cls-panel"):
                     self._build_panel()
                 SegmentEditorUI(v_if=(f"{name.active_tool} === 'SegmentEditorUI'",))
             editor_ui = None
