@@ -81,7 +81,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def phantom_data(tmp_path_factory) -> Path:
-    """The data folder the server offers: the small phantom as NIfTI."""
+    """The data folder the server offers: the small phantom as NIfTI, and a finer one (8 times the voxels) that
+    takes long enough to segment for Cancel to be pressed while it runs."""
     import SimpleITK as sitk
 
     from COVIDLesionSegLib import phantom
@@ -89,6 +90,8 @@ def phantom_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("web-data")
     image, _ = phantom.make_chest_phantom()
     sitk.WriteImage(image, str(folder / "phantom.nii.gz"))
+    fine, _ = phantom.make_chest_phantom(shape_zyx=(128, 256, 256), spacing_zyx=(2.0, 1.4, 1.4))
+    sitk.WriteImage(fine, str(folder / "fine_phantom.nii.gz"))
     return folder
 
 

@@ -90,6 +90,23 @@ def test_a_broken_upload_shows_the_engines_message_and_is_kept(page, server, pha
     assert "truncated" in shown or "corrupt" in shown or "damaged" in shown
 
 
+def test_a_case_of_the_data_folder_opens_and_cancel_stops_its_run(page, server):
+    page.click("#cls-data", force=True)
+    page.click(".v-overlay .v-list-item:has-text('fine_phantom.nii.gz')")
+    page.click("#cls-open-data")
+    _wait_for(page, "document.querySelector('#cls-status').innerText.includes('fine_phantom loaded')")
+    assert page.query_selector("#cls-error") is None
+    page.click("#cls-segment")
+    _wait_for(page, "document.querySelector('#cls-segment').innerText.toUpperCase().includes('CANCEL')")
+    _wait_for(page, "/Segmenting|Checking|Preparing/.test(document.querySelector('#cls-status').innerText)")
+    started = time.monotonic()
+    page.click("#cls-segment")
+    _wait_for(page, "document.querySelector('#cls-status').innerText.includes('Cancelled')", 15_000)
+    assert time.monotonic() - started < 10, "Cancel was not served while the segmentation ran"
+    assert page.query_selector("#cls-table") is None, "a cancelled run left a result"
+    assert page.inner_text("#cls-segment").upper() == "SEGMENT"
+
+
 def test_segment_shows_the_segments_in_their_colours_where_the_lungs_are(page, server, phantom_data):
     page.set_input_files("#cls-upload", str(phantom_data / "phantom.nii.gz"))
     _wait_for(page, "document.querySelector('#cls-status').innerText.includes('loaded')")

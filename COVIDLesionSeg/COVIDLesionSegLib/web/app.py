@@ -96,6 +96,7 @@ class CovidLesionSegWebApp(TrameApp):
         self._observed: list[tuple[Any, int]] = []
         self._remeasure_handle: Optional[asyncio.TimerHandle] = None
         self._writing = False
+        self._watcher: Optional[asyncio.Task] = None   # the task polling a running segmentation
         self._init_state()
         self._build_ui()
         self.server.controller.on_server_bind.add(self._add_routes)
@@ -230,7 +231,11 @@ class CovidLesionSegWebApp(TrameApp):
         self.state.cls_downloads = []
 
     # -- Segment / Cancel ----------------------------------------------------------------------------------------
-    async def on_segment(self) -> None:
+    def on_segment(self) -> None:
+        """Segment, or Cancel while a run is going (the same button)."""
+        asyncio.get_running_loop().create_task(self._segment_or_cancel())
+
+    async def _segment_or_cancel(self) -> None:
         if self.run is not None and not self.run.done:
             self.run.cancel()
             return
@@ -253,7 +258,11 @@ class CovidLesionSegWebApp(TrameApp):
             return
         with state:
             state.cls_running = True
-        run = self.run
+        # Watched in a task of its own: this handler returns at once, so the page's next click (Cancel) is served.
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(self.run))
+
+    async def _watch(self, run) -> None:
+        state = self.state
         while True:
             try:
                 going = run.poll()

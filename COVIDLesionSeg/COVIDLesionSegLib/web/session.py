@@ -62,8 +62,8 @@ class WebSession:
 
         if self.data_dir is None or not self.data_dir.is_dir():
             return []
-        return [p.relative_to(self.data_dir).as_posix() for p in expand_inputs([self.data_dir])
-                if p.resolve().is_relative_to(self.data_dir)]
+        # Only what the folder lists (a file there may be a link to elsewhere: the folder is the admin's choice).
+        return [p.relative_to(self.data_dir).as_posix() for p in expand_inputs([self.data_dir])]
 
     def data_path(self, choice: str) -> Path:
         """The ``--data`` case named ``choice`` (one of :meth:`data_choices`; nothing outside the folder)."""
