@@ -330,8 +330,8 @@ class CovidLesionSegWebApp(TrameApp):
     def _set_opacity(self, opacity) -> None:
         display = self.segmentation_node.GetDisplayNode() if self.segmentation_node is not None else None
         if display is not None:
-            display.SetOpacity2DFill(float(opacity))
-            display.SetOpacity3D(float(opacity) if float(opacity) > 0 else 0.0)
+            display.SetOpacity2DFill(float(opacity))    # the slice views' fill; the outline stays (3D: the
+                                                         # editor's Rendering section)
 
     def _set_window(self, preset: str) -> None:
         display = self.volume_node.GetDisplayNode() if self.volume_node is not None else None
