@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -522,8 +523,15 @@ def serve(port: int = 8080, host: str = "127.0.0.1", data_dir: Optional[str] = N
     """Start the app (blocking) on ``host:port``; ``covidlesionseg serve``."""
     app = CovidLesionSegWebApp(data_dir=data_dir, max_upload_mb=max_upload_mb, rca_encoder=rca_encoder)
     print(json.dumps({"url": f"http://{host}:{port}/", "session_folder": str(app.session.folder)}), flush=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt   # a service manager's SIGTERM ends the session as Ctrl-C does: folder removed
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         app.server.start(port=port, host=host, open_browser=open_browser, show_connection_info=False)
+    except KeyboardInterrupt:
+        pass
     finally:
-        app.session.close()
+        app._on_exit()
     return 0
