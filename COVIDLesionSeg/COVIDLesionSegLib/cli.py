@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a COVIDLesionSeg checkpoint (.pt), e.g. from `python -m training export` or a "
                           "download of a listed model")
     imp.add_argument("--overwrite", action="store_true", help="replace a model already in the cache")
+
+    web = sub.add_parser("serve", help="the browser app: slice and 3D views, Segment, the segment editor, "
+                                       "downloads (needs pip install -e \".[web]\")")
+    web.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 for every network)")
+    web.add_argument("--data", default=None, metavar="DIR",
+                     help="a folder of CT files and DICOM series the page offers besides uploads (only read)")
+    web.add_argument("--max-upload-mb", type=float, default=2048, metavar="MB",
+                     help="largest upload accepted, also for what a zipped DICOM series expands to (default 2048)")
+    web.add_argument("--open", action="store_true", help="open the page in the default browser")
     return parser
 
 
@@ -308,6 +319,22 @@ def cmd_models(args) -> int:
     raise AssertionError(args.models_command)
 
 
+def cmd_serve(args) -> int:
+    from .web import missing_dependency
+
+    missing = missing_dependency()
+    if missing:
+        _err(f"error: {missing}")
+        return 1
+    if args.data and not Path(args.data).is_dir():
+        _err(f"error: --data {args.data}: no such folder")
+        return 1
+    from .web.app import serve
+
+    return serve(port=args.port, host=args.host, data_dir=args.data, max_upload_mb=args.max_upload_mb,
+                 open_browser=args.open)
+
+
 def _join_negative_values(argv: Sequence[str], options: Sequence[str] = ("--input-window",)) -> list[str]:
     """``--input-window -600,1500`` -> ``--input-window=-600,1500``: argparse takes a value that starts with
     '-' for an option, yet a negative window level is the usual case (the refusal message suggests it)."""
@@ -325,7 +352,8 @@ def _join_negative_values(argv: Sequence[str], options: Sequence[str] = ("--inpu
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    commands = {"segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "models": cmd_models}
+    commands = {"segment": cmd_segment, "demo": cmd_demo, "evaluate": cmd_evaluate, "models": cmd_models,
+                "serve": cmd_serve}
     try:
         return commands[args.command](args)
     except Cancelled:

@@ -676,6 +676,24 @@ def _set_scene_quietly(colors_logic, scene) -> None:
         vtk.vtkObject.SetGlobalWarningDisplay(shown)
 
 
+def save_segmentation(segmentation_node, path: str | Path) -> Path:
+    """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic and read back before the rename);
+    ``batch.py`` and the web app save their results with it."""
+    from .errors import OutputError
+    from .outputs import atomic_write, verify_nrrd
+
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        storage = _slicer().vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(tmp))
+        storage.SetUseCompression(1)
+        if not storage.WriteData(segmentation_node):
+            raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
+
+    return atomic_write(path, write, verify_nrrd)
+
+
 def load_volume_file(volumes_logic, path: str | Path, name: Optional[str] = None):
     """Load a NIfTI/NRRD/MHA file as a scalar volume node with ``vtkSlicerVolumesLogic`` (exact geometry).
 

@@ -328,3 +328,45 @@ def flatten_for_csv(report: Mapping[str, Any]) -> dict[str, Any]:
         row[column] = node[key]
     row["infection_outside_lungs_ml"] = report["infection_outside_lungs_ml"]
     return row
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Segments held on the input's grid (a Slicer segmentation, edited or not)
+# ------------------------------------------------------------------------------------------------------------
+
+def canonical_masks(image, masks: Mapping[str, np.ndarray], name: str = "case"):
+    """The CT and its segments on the engine's canonical grid, from the CT as an image on its input grid
+    (``sitk.Image``) and the segments as masks on that grid (segment name -> bool (z, y, x), what a Slicer
+    segmentation holds). Returns ``(volume, lungs, infection)``: the :class:`~.volume.CTVolume`, the uint8
+    lung labelmap (1 right, 2 left) and the infection mask (None when there is no infection segment)."""
+    import SimpleITK as sitk
+
+    from .segments import SEGMENTS
+    from .volume import CTVolume
+
+    volume = CTVolume.from_image(image, name=name)
+
+    def canonical(name: str):
+        if name not in masks:
+            return None
+        mask = sitk.GetImageFromArray(np.asarray(masks[name], np.uint8))
+        mask.CopyInformation(image)
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")).astype(bool)
+
+    lungs = np.zeros(volume.shape, np.uint8)
+    for seg in (SEGMENTS.right_lung, SEGMENTS.left_lung):
+        mask = canonical(seg.name)
+        if mask is not None:
+            lungs[mask & (lungs == 0)] = seg.label
+    return volume, lungs, canonical(SEGMENTS.infection.name)
+
+
+def quantify_masks(image, masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """:func:`quantify` of segments on the input's grid (see :func:`canonical_masks`): the numbers of a result
+    after the user edited it. Without an infection segment the infection is reported as not segmented."""
+    volume, lungs, infection = canonical_masks(image, masks)
+    quantities = quantify(lungs, infection if infection is not None else np.zeros_like(lungs, bool),
+                          volume.spacing_zyx, hu=volume.hu)
+    if infection is None:
+        quantities["infection_segmented"] = False
+    return quantities

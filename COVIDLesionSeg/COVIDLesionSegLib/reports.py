@@ -572,25 +572,10 @@ def write_case_report_from_masks(pdf_path: str | Path, html_path: str | Path, re
                                  masks: Mapping[str, np.ndarray]) -> tuple[Path, Path]:
     """:func:`write_case_report` from the CT as an image on its input grid (``sitk.Image``) and the segments as
     masks on that grid (segment name -> bool (z, y, x); what the Slicer module and ``batch.py`` hold)."""
-    import SimpleITK as sitk
+    from .quantify import canonical_masks
 
-    from .volume import CTVolume
-
-    volume = CTVolume.from_image(image, name=str(report.get("case", "case")))
-
-    def canonical(name: str) -> Optional[np.ndarray]:
-        if name not in masks:
-            return None
-        mask = sitk.GetImageFromArray(np.asarray(masks[name], np.uint8))
-        mask.CopyInformation(image)
-        return sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")).astype(bool)
-
-    lungs = np.zeros(volume.shape, np.uint8)
-    for seg in (SEGMENTS.right_lung, SEGMENTS.left_lung):
-        mask = canonical(seg.name)
-        if mask is not None:
-            lungs[mask & (lungs == 0)] = seg.label
-    return write_case_report(pdf_path, html_path, report, volume, lungs, canonical(SEGMENTS.infection.name))
+    volume, lungs, infection = canonical_masks(image, masks, name=str(report.get("case", "case")))
+    return write_case_report(pdf_path, html_path, report, volume, lungs, infection)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 
 from . import mrml
 from .progress import Cancelled
+from .segments import SEGMENTS
 from .worker import (
     Progress,
     ProgressEstimator,
@@ -45,6 +46,10 @@ from .worker import (
 )
 
 ProgressCallback = Callable[[Progress], None]
+
+#: The module's segment names, by role.
+SEGMENT_NAMES = {"right": SEGMENTS.right_lung.name, "left": SEGMENTS.left_lung.name,
+                 "infection": SEGMENTS.infection.name}
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -453,6 +458,33 @@ def stored_report(table_node) -> Optional[dict[str, Any]]:
 
     text = table_node.GetAttribute(REPORT_ATTRIBUTE) if table_node is not None else None
     return json.loads(text) if text else None
+
+
+#: The note a re-measured report carries (its numbers are of the edited segments, not of the model's output).
+EDITED_NOTE = "The segments were edited after the segmentation; the numbers are of the edited segments."
+
+
+def requantify(volume_node, segmentation_node, table_node) -> dict[str, Any]:
+    """Measure the segments as they are now (after edits in the segment editor) and put the numbers into the
+    results table and its stored report (the rest of the report, models and notes, is kept). Returns the
+    updated report."""
+    import json
+
+    from .outputs import to_jsonable
+    from .quantify import quantify_masks
+
+    report = stored_report(table_node) or {}
+    masks = mrml.masks_from_segmentation(segmentation_node, volume_node)
+    if report.get("quantification", {}).get("infection_segmented") is False:
+        masks.pop(SEGMENT_NAMES["infection"], None)
+    quantities = quantify_masks(mrml.image_from_volume_node(volume_node), masks)
+    report["quantification"] = quantities
+    notes = report.setdefault("notes", [])
+    if EDITED_NOTE not in notes:
+        notes.append(EDITED_NOTE)
+    mrml.fill_table(table_node, quantities, volume_node)
+    table_node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(to_jsonable(report)))
+    return report
 
 
 def write_case_report(volume_node, segmentation_node, report: dict[str, Any], pdf_path, html_path):

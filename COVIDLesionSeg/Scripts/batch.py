@@ -170,21 +170,6 @@ def _voxel_count(node) -> int:
     return x * y * z
 
 
-def save_segmentation(segmentation_node, path: Path) -> Path:
-    """Write a ``.seg.nrrd`` with Slicer's segmentation storage node (atomic and read back before the rename)."""
-    import slicer
-    from COVIDLesionSegLib.outputs import atomic_write, verify_nrrd
-
-    def write(tmp: Path) -> None:
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(str(tmp))
-        storage.SetUseCompression(1)
-        if not storage.WriteData(segmentation_node):
-            raise OutputError(f"{path}: Slicer could not write the segmentation (disk full or folder not writable?)")
-
-    return atomic_write(path, write, verify_nrrd)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
@@ -240,7 +225,7 @@ def _record_failure(writer, case, message: str, started: float) -> None:
 
 
 def run_batch(args) -> int:  # noqa: C901 (the batch loop: per-case outcomes are listed in one place)
-    from COVIDLesionSegLib import outputs
+    from COVIDLesionSegLib import mrml, outputs
     from COVIDLesionSegLib.progress import Cancelled
     from COVIDLesionSegLib.slicer_logic import SegmentationLogic
 
@@ -310,7 +295,7 @@ def run_batch(args) -> int:  # noqa: C901 (the batch loop: per-case outcomes are
                     report.setdefault("notes", []).append(f"DICOM SEG and SR not written: {problem}")
             writer = _case_writer(output, name, args.overwrite, files)
             with writer:
-                save_segmentation(run.result.segmentation_node, writer.staging_path("segmentation"))
+                mrml.save_segmentation(run.result.segmentation_node, writer.staging_path("segmentation"))
                 _write_extras(writer, files, volume, run.result, report, context.dicom)
                 seconds = time.perf_counter() - started
                 writer.commit(report, outputs.results_row(report, seconds))

@@ -138,6 +138,10 @@ def test_extension_cmake_metadata():
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
     icon = re.search(r'set\(EXTENSION_ICONURL "[^"]*/main/([^"]+)"\)', text).group(1)
     assert (REPO_ROOT / icon).is_file()
+    screenshots = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    for url in screenshots:
+        shot = REPO_ROOT / url.split("/main/", 1)[1]
+        assert shot.is_file() and shot.suffix == ".png" and shot.stat().st_size < 1_000_000, url
     order = ["find_package(Slicer", "include(${Slicer_USE_FILE})", "add_subdirectory(COVIDLesionSeg)",
              "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
     positions = [text.index(item) for item in order]
