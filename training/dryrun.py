@@ -14,7 +14,7 @@ config's own procedure, protocol, network topology, pipelines and evaluation, an
   that patch size (one sliding window each), evaluation batches of 16;
 - each pre-training once per session, shared by every config that starts from it (the five transfers and
   the collaborative run share one multi-lesion pre-training, nCoVSegNet stage 2 its stage 1);
-- one torch thread (:data:`DRYRUN_THREADS`).
+- one torch thread (:data:`DRYRUN_THREADS`), also for configs that set ``train.num_threads``.
 
 Data: a data set that exists on this machine (e.g. ``../shared/data/covid19ctseg2d``) is used as it is. One
 that does not (most public data sets) is replaced by **tiny generated files in the data set's published
@@ -335,7 +335,8 @@ def _plan_overrides(config: Mapping[str, Any]) -> tuple[list[str], tuple[int, ..
 def tiny_overrides(config: Mapping[str, Any]) -> list[str]:
     """``--set`` overrides that shrink a validated config to a dry run (module docstring)."""
     over = ["train.epochs=1", "train.iterations_per_epoch=1", "train.val_every=1", "train.patience=null",
-            "train.progress=false", "train.checkpoint_every=1", "eval.max_val_cases=2", f"eval.batch_size={EVAL_BATCH}"]
+            "train.progress=false", "train.checkpoint_every=1", "eval.max_val_cases=2", f"eval.batch_size={EVAL_BATCH}",
+            "train.num_threads=null"]   # the session's DRYRUN_THREADS (a config's own count would stay set after it)
     plan, total = _plan_overrides(config)
     over += plan
     specs = [("data", config["data"])] + [(f"aux_data.{n}", s) for n, s in config["aux_data"].items()]

@@ -40,7 +40,9 @@ def test_dryrun_all_paper_configs(tmp_path):
     the published 5-fold split runs folds 0-4 (folds 2 and 4 share patients between train and test, as
     published), Continual Learning continues the pre-training's poly curve from its last epoch with a learning
     rate above 0, nCoVSegNet stage 2 tests every slice of every test volume."""
+    threads = torch.get_num_threads()
     code = main(["dryrun", "--all", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads           # the dry run's single thread does not leak out
     report = json.loads((tmp_path / "dryrun.json").read_text())
     failed = {n: r.get("error") for n, r in report["configs"].items() if r["status"] != "ok"}
     assert code == EXIT_OK and not failed, failed
