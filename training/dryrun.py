@@ -25,6 +25,11 @@ two readers, MedSeg's stacked ``tr_im`` and ``rp_im`` volumes, the shared 2D ``.
 engine's synthetic chest phantom (``COVIDLesionSegLib.phantom``: HU, two lungs, lesions) in a temporary
 folder. They exercise the readers, splits, pipelines and training code; their numbers mean nothing.
 
+Cost of ``--all`` on the 2-core development machine (lightly loaded, load 1-3): 98 s wall, 91 s of CPU
+(before these sizes, evaluation batches and the single thread: 209 s wall, 220 s of CPU; with two threads on
+busy shared cores a config could take ten times its CPU time in wall time). nCoVSegNet stage 2 (1280
+test slices over its 5 folds) and 004's grid are the largest shares.
+
 ``--all`` covers every config in ``training/configs`` that is not a CPU sibling (``*_cpu``) or a shared
 base (``_*``). Each config's result (stages, wall time, the exported checkpoint) is printed and written to
 ``OUT/dryrun.json``; the exit status is 1 when any config failed.
