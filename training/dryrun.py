@@ -26,8 +26,9 @@ engine's synthetic chest phantom (``COVIDLesionSegLib.phantom``: HU, two lungs, 
 folder. They exercise the readers, splits, pipelines and training code; their numbers mean nothing.
 
 Cost of ``--all`` on the 2-core development machine (lightly loaded, load 1-3): 98 s wall, 91 s of CPU
-(before these sizes, evaluation batches and the single thread: 209 s wall, 220 s of CPU; with two threads on
-busy shared cores a config could take ten times its CPU time in wall time). nCoVSegNet stage 2 (1280
+(before these sizes, evaluation batches and the single thread: 209 s wall, 220 s of CPU). Two threads help the
+larger 2D encoders of 004's grid on an idle machine (9 s against 20 s) but not on busy shared cores: there the
+grid took 582 s with two threads. nCoVSegNet stage 2 (1280
 test slices over its 5 folds) and 004's grid are the largest shares.
 
 ``--all`` covers every config in ``training/configs`` that is not a CPU sibling (``*_cpu``) or a shared
