@@ -185,7 +185,7 @@ def cmd_dryrun(args) -> int:
         print(f"{'ok    ' if rec['status'] == 'ok' else 'FAILED'} {name:44s} {rec['wall_s']:7.1f} s  "
               f"{len(rec['stages'])} stage(s)" + (f"  {rec['error']}" if rec.get("error") else ""), flush=True)
     print(f"dry run of {len(report['configs'])} config(s): {'ok' if report['ok'] else 'FAILED'} in "
-          f"{report['wall_s']:.0f} s", flush=True)
+          f"{report['wall_s']:.0f} s ({report['cpu_s']:.0f} s of CPU)", flush=True)
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 

@@ -6,11 +6,15 @@ config through the stages a researcher would run on a GPU - the pre-training it 
 test of each fold, the table, and the export of an engine checkpoint that the engine then loads - with the
 config's own procedure, protocol, network topology, pipelines and evaluation, and only sizes shrunk:
 
-- one epoch of one iteration per run (batch sizes kept), no early stopping;
+- one epoch of one iteration per run (training batch sizes kept), no early stopping;
 - networks of the nnU-Net family with the config's stages, strides and kernels but 1/16 of the features;
-  nCoVSegNet at width 0.125; 004's grid with one encoder of each family (covering every decoder, encoder
+  nCoVSegNet at width 0.0625; 004's grid with one encoder of each family (covering every decoder, encoder
   family and experiment, not their product);
-- 3D patches of the smallest size the network's strides allow, 2D inputs of 64 px.
+- 3D patches of the smallest size the network's strides allow, 2D inputs of 64 px; stand-in volumes of
+  that patch size (one sliding window each), evaluation batches of 16;
+- each pre-training once per session, shared by every config that starts from it (the five transfers and
+  the collaborative run share one multi-lesion pre-training, nCoVSegNet stage 2 its stage 1);
+- one torch thread (:data:`DRYRUN_THREADS`), also for configs that set ``train.num_threads``.
 
 Data: a data set that exists on this machine (e.g. ``../shared/data/covid19ctseg2d``) is used as it is. One
 that does not (most public data sets) is replaced by **tiny generated files in the data set's published
@@ -20,6 +24,12 @@ patient folders, PleThora's ``images``/``effusion``, LIDC's DICOM series with a 
 two readers, MedSeg's stacked ``tr_im`` and ``rp_im`` volumes, the shared 2D ``.npz``) - built from the
 engine's synthetic chest phantom (``COVIDLesionSegLib.phantom``: HU, two lungs, lesions) in a temporary
 folder. They exercise the readers, splits, pipelines and training code; their numbers mean nothing.
+
+Cost of ``--all`` on the 2-core development machine (lightly loaded, load 1-3): 98 s wall, 91 s of CPU
+(before these sizes, evaluation batches and the single thread: 209 s wall, 220 s of CPU). Two threads help the
+larger 2D encoders of 004's grid on an idle machine (9 s against 20 s) but not on busy shared cores: there the
+grid took 582 s with two threads. nCoVSegNet stage 2 (1280
+test slices over its 5 folds) and 004's grid are the largest shares.
 
 ``--all`` covers every config in ``training/configs`` that is not a CPU sibling (``*_cpu``) or a shared
 base (``_*``). Each config's result (stages, wall time, the exported checkpoint) is printed and written to
@@ -53,6 +63,19 @@ SIZE_2D = 64
 #: Feature reduction of the nnU-Net family.
 WIDTH_DIVISOR = 16
 
+#: nCoVSegNet's width in a dry run: 0.0625 (0.66 M parameters; 0.125 had 2.6 M, whose 32 MB training
+#: checkpoints cost more to write and read than the training step itself).
+NCOVSEGNET_WIDTH = 0.0625
+
+#: Evaluation batch of a dry run (2D slices, 3D windows): fewer calls of the tiny networks, same results.
+EVAL_BATCH = 16
+
+#: torch intra-op threads of a dry run. Its networks are so small that a second thread saves little wall time
+#: on an idle machine and, on a shared one, costs several times the CPU (the threads spin waiting for each
+#: other): measured on 2 shared cores, body fine-tuning + nCoVSegNet's two stages took 38 s of CPU with one
+#: thread and over 250 s with two.
+DRYRUN_THREADS = 1
+
 
 def paper_configs() -> list[str]:
     """Config names ``--all`` runs: every config of ``training/configs`` but the ``_*`` bases and ``*_cpu``."""
@@ -66,9 +89,11 @@ def paper_configs() -> list[str]:
 # Tiny generated stand-ins in the published layouts
 # ----------------------------------------------------------------------------------------------------------
 
-#: Phantom grid of the stand-in volumes: the whole synthetic chest at a coarse spacing (the engine's
-#: unsupervised lung mask, used by nCoVSegNet's lung crop, still finds both lungs at this size).
-PHANTOM_SHAPE, PHANTOM_SPACING = (16, 40, 40), (16.0, 9.0, 9.0)
+#: Phantom grid of the stand-in volumes: the whole synthetic chest at a coarse spacing. 16 x 32 x 32 is the
+#: smallest patch of the 3D plans' strides (2 x 8 along z, 32 in-plane), so a test volume is one sliding
+#: window (40 x 40 took four); the engine's unsupervised lung mask, used by nCoVSegNet's lung crop, still
+#: finds a lung box at this size.
+PHANTOM_SHAPE, PHANTOM_SPACING = (16, 32, 32), (16.0, 11.25, 11.25)
 
 
 def _phantom(seed: int, nodule: bool = False):
@@ -302,7 +327,7 @@ def _plan_overrides(config: Mapping[str, Any]) -> tuple[list[str], tuple[int, ..
 
     arch, args = config["model"]["arch"], dict(config["model"]["args"])
     if arch == "ncovsegnet":
-        return ["model.args.width=0.125"], None
+        return [f"model.args.width={NCOVSEGNET_WIDTH}"], None
     if arch not in NNUNET_FAMILY:
         return [], None
     dims = int(args.get("spatial_dims", 3))
@@ -316,7 +341,8 @@ def _plan_overrides(config: Mapping[str, Any]) -> tuple[list[str], tuple[int, ..
 def tiny_overrides(config: Mapping[str, Any]) -> list[str]:
     """``--set`` overrides that shrink a validated config to a dry run (module docstring)."""
     over = ["train.epochs=1", "train.iterations_per_epoch=1", "train.val_every=1", "train.patience=null",
-            "train.progress=false", "train.checkpoint_every=1", "eval.max_val_cases=2"]
+            "train.progress=false", "train.checkpoint_every=1", "eval.max_val_cases=2", f"eval.batch_size={EVAL_BATCH}",
+            "train.num_threads=null"]   # the session's DRYRUN_THREADS (a config's own count would stay set after it)
     plan, total = _plan_overrides(config)
     over += plan
     specs = [("data", config["data"])] + [(f"aux_data.{n}", s) for n, s in config["aux_data"].items()]
@@ -401,7 +427,7 @@ class DryRun:
         """Every stage of one config; returns (and keeps) its result record."""
         if name in self.results:
             return self.results[name]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         record: dict[str, Any] = {"config": name, "stages": [], "runs": [], "notes": []}
         try:
             config, over, notes = self._config(name)
@@ -417,6 +443,7 @@ class DryRun:
             record["traceback"] = traceback.format_exc()
             self.log(record["traceback"])
         record["wall_s"] = round(time.perf_counter() - t0, 2)
+        record["cpu_s"] = round(time.process_time() - c0, 2)   # includes the pre-training it ran first
         self.results[name] = record
         self.log(f"dryrun {name}: {record['status']} in {record['wall_s']:.1f} s "
                  f"({', '.join(record['stages']) or 'no stage'})" + (f": {record['error']}" if record.get("error") else ""))
@@ -486,25 +513,31 @@ class DryRun:
 
 
 def run(configs: Sequence[str], out: str | os.PathLike | None = None, device: str = "cpu", use_real: bool = True,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None] | None = None, threads: int | None = DRYRUN_THREADS) -> dict[str, Any]:
     """Dry-run ``configs`` (names or paths) into ``out`` (default: a temporary folder, removed afterwards);
-    returns ``{"configs": {name: record}, "wall_s", "ok"}`` and writes it to ``OUT/dryrun.json``."""
+    returns ``{"configs": {name: record}, "wall_s", "cpu_s", "ok"}`` and writes it to ``OUT/dryrun.json``.
+    ``threads``: torch's intra-op threads meanwhile (restored afterwards; ``None`` leaves them)."""
     import torch
 
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     keep = out is not None
     folder = Path(out) if keep else Path(tempfile.mkdtemp(prefix="covidlesionseg_dryrun_"))
     folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     session = DryRun(folder, device=device, use_real=use_real, log=log)
     try:
         with torch.random.fork_rng():
             for name in configs:
                 session.run_config(name)
         report = {"configs": session.results, "wall_s": round(time.perf_counter() - t0, 2),
+                  "cpu_s": round(time.process_time() - c0, 2),
                   "ok": all(r["status"] == "ok" for r in session.results.values())}
         (folder / "dryrun.json").write_text(json.dumps(report, indent=1, default=str))
         return report
     finally:
+        torch.set_num_threads(threads_before)
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
 
