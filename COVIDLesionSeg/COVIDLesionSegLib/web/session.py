@@ -166,9 +166,8 @@ def write_outputs(folder: Path, volume_node, segmentation_node, table_node, repo
     """The downloads of a result in the scene, as the command line names them: ``<case>.seg.nrrd``,
     ``<case>_labels.nii.gz``, ``<case>.json``, ``<case>_results.csv`` (the results table) and the case report
     (PDF and HTML). Returns kind -> path."""
-    from .. import mrml, outputs
+    from .. import mrml, outputs, reports
     from ..segments import SEGMENTS
-    from ..slicer_logic import write_case_report
     from ..volume import Geometry
 
     paths = {"segmentation": folder / f"{case}.seg.nrrd", "labelmap": folder / f"{case}_labels.nii.gz",
@@ -187,8 +186,9 @@ def write_outputs(folder: Path, volume_node, segmentation_node, table_node, repo
     mrml.write_table_csv(table_node, paths["csv"])
     if with_report:
         report_paths = outputs.case_report_paths(folder, case)
-        write_case_report(volume_node, segmentation_node, report, report_paths["pdf_report"],
-                          report_paths["html_report"])
+        # The segments and the CT read above, not read from the scene a second time.
+        reports.write_case_report_from_masks(report_paths["pdf_report"], report_paths["html_report"], report, image,
+                                             masks)
         paths["pdf"] = report_paths["pdf_report"]
         paths["html"] = report_paths["html_report"]
     return paths
