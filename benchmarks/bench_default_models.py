@@ -94,14 +94,16 @@ TARGETS = {"ours_lungs_only": {"wall_s": 2.5, "peak_rss_mb": 1024.0},
 LEARNED_DEFAULT_TARGET = {"wall_s": 20.0, "peak_rss_mb": 1536.0}
 
 
-def targets_for(default_infection: str) -> dict[str, dict[str, float]]:
-    """The limits each configuration is held to, given the manifest's default infection model."""
-    targets = dict(TARGETS)
+def targets_for(default_infection: str) -> list[tuple[str, str, dict[str, float]]]:
+    """``(label, configuration, limits)`` for each target, given the manifest's default infection model."""
+    targets = [(name, name, limit) for name, limit in TARGETS.items()]
     if default_infection != "hu-threshold":
-        targets["ours_default"] = {"wall_s": TARGETS["ours_learned"]["wall_s"],
-                                   "peak_rss_mb": TARGETS["ours_learned"]["peak_rss_mb"]}
-        targets["ours_default_issue10"] = dict(LEARNED_DEFAULT_TARGET)
+        targets = [(label, config, TARGETS["ours_learned"] if config == "ours_default" else limit)
+                   for label, config, limit in targets]
+        targets.append(("ours_default_issue10", "ours_default", LEARNED_DEFAULT_TARGET))
     return targets
+
+
 MIN_RATIO_LUNGS = 30.0
 
 
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from COVIDLesionSegLib import catalogue
 
+    default_infection = catalogue.default_model_id("infection")
     configs: dict[str, list[str]] = {"ours_default": [], "ours_lungs_only": ["--lungs-only"]}
-    if catalogue.default_model_id("infection") != "hu-threshold":
+    if default_infection != "hu-threshold":
         configs["ours_hu_threshold"] = ["--model", "hu-threshold"]
     if any(e.model_id == LEARNED_ID and e.available for e in catalogue.list_models()):
         configs["ours_learned"] = ["--model", LEARNED_ID]
@@ -221,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()},
     }
     targets = {}
-    for name, limit in targets_for(catalogue.default_model_id("infection")).items():
-        got = results.get(name.replace("_issue10", ""))
+    for name, config, limit in targets_for(default_infection):
+        got = results.get(config)
         if got is not None:
             targets[name] = {"wall_s": [got["median_wall_s"], limit["wall_s"], got["median_wall_s"] <= limit["wall_s"]],
                              "peak_rss_mb": [got["max_peak_rss_mb"], limit["peak_rss_mb"],
