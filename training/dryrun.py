@@ -28,8 +28,8 @@ folder. They exercise the readers, splits, pipelines and training code; their nu
 Cost of ``--all`` on the 2-core development machine (lightly loaded, load 1-3): 98 s wall, 91 s of CPU
 (before these sizes, evaluation batches and the single thread: 209 s wall, 220 s of CPU). Two threads help the
 larger 2D encoders of 004's grid on an idle machine (9 s against 20 s) but not on busy shared cores: there the
-grid took 582 s with two threads. nCoVSegNet stage 2 (1280
-test slices over its 5 folds) and 004's grid are the largest shares.
+grid took 582 s with two threads. nCoVSegNet stage 2 (1280 test slices over its 5 folds) and 004's grid are
+the largest shares.
 
 ``--all`` covers every config in ``training/configs`` that is not a CPU sibling (``*_cpu``) or a shared
 base (``_*``). Each config's result (stages, wall time, the exported checkpoint) is printed and written to
