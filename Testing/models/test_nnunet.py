@@ -166,3 +166,62 @@ def test_tiny_network_fits_one_sample():
         pred = net(x).argmax(1, keepdim=True).float()
     dice = 2 * (pred * y).sum() / (pred.sum() + y.sum())
     assert dice > 0.8
+
+
+@pytest.mark.parametrize("dims, kernel, stride", [(2, (3, 3), (2, 2)), (3, (3, 3, 3), (2, 2, 2)),
+                                                  (3, (1, 3, 3), (1, 2, 2)), (2, (3, 3), (1, 1))])
+def test_nnunet_blocks_match_monai(dims, kernel, stride):
+    """The U-Net's own blocks (written to keep MONAI's import out of the engine's start) are MONAI's nnU-Net
+    blocks: the same parameter names in the same order, the same initial weights from the same seed, the same
+    outputs; a checkpoint written with either loads into the other."""
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, get_conv_layer
+
+    from COVIDLesionSegLib.models.nnunet import ACT, NORM, ConvBlock, OutputHead, transposed_conv
+
+    x = torch.randn((2, 3) + (8,) * dims)
+    pairs = [
+        (lambda: UnetBasicBlock(dims, 3, 5, kernel_size=kernel, stride=stride, norm_name=NORM, act_name=ACT),
+         lambda: ConvBlock(dims, 3, 5, kernel, stride)),
+        (lambda: UnetOutBlock(dims, 3, 2), lambda: OutputHead(dims, 3, 2)),
+        (lambda: get_conv_layer(dims, 3, 4, kernel_size=stride, stride=stride, bias=False, act=None, norm=None,
+                                conv_only=False, is_transposed=True),
+         lambda: transposed_conv(dims, 3, 4, stride)),
+    ]
+    for make_monai, make_ours in pairs:
+        torch.manual_seed(3)
+        theirs = make_monai().eval()
+        torch.manual_seed(3)
+        ours = make_ours().eval()
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert list(a) == list(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_building_an_nnunet_does_not_import_monai():
+    """The engine's default network is an nnU-Net: loading it must not pull in MONAI (1.6 s at every start);
+    listing all architectures does."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from COVIDLesionSegLib.models import build\n"
+            "build({'arch': 'nnunet', 'args': {'spatial_dims': 2, 'channels': [4, 8], 'strides': [1, 2], "
+            "'kernel_sizes': [3, 3]}})\n"
+            "assert 'monai' not in sys.modules, 'monai imported'\n"
+            "from COVIDLesionSegLib.models import architectures\n"
+            "architectures()\n"
+            "assert 'monai' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_architecture_modules_are_complete():
+    """models/_load_all.py names the module of every architecture the package's modules register."""
+    from COVIDLesionSegLib.models._load_all import ARCHITECTURE_MODULES
+
+    own = {arch_id: a.builder.__module__.rsplit(".", 1)[-1] for arch_id, a in architectures().items()
+           if a.builder.__module__.startswith("COVIDLesionSegLib.models.")}
+    assert own == ARCHITECTURE_MODULES

@@ -3,4 +3,4 @@
 Use :func:`build` with a config ``{"arch": id, "args": {...}}``; :func:`architectures` lists the ids.
 """
 
-from .registry import Architecture, architectures, build, register  # noqa: F401
+from .registry import Architecture, architectures, build, get, register  # noqa: F401

@@ -267,14 +267,16 @@ class Checkpoint:
 
 
 def _build_network(model_config: Mapping[str, Any], where: str, device: str | None = None) -> torch.nn.Module:
-    from .registry import architectures, build
+    from .registry import architectures, build, get
 
     arch = model_config.get("arch")
-    archs = architectures()
-    if arch not in archs:
-        known = ", ".join(sorted(archs)) or "none registered"
+    try:
+        get(arch)
+    except KeyError:
+        known = ", ".join(sorted(architectures())) or "none registered"
         raise CheckpointError(f"{where}: unknown architecture {arch!r} (known: {known}). The checkpoint needs a "
-                              "newer COVIDLesionSeg, or the architecture's module is missing from models/_load_all.py")
+                              "newer COVIDLesionSeg, or the architecture's module is missing from "
+                              "models/_load_all.py") from None
     try:
         if device == "meta":
             with torch.device("meta"):

@@ -4,7 +4,7 @@ Papers (docs/CITATIONS.md): ``wang_hybrid_encoder`` (Wang et al., section 3.1: "
 are replaced by instance normalization and leaky ReLU ... deep supervision"), ``wang_multi_encoder`` (same
 backbone) and ``zhang_collaborative`` (Zhang et al., Table I gives the exact 3D layer table).
 
-Building blocks (MONAI's nnU-Net blocks, ``monai.networks.blocks.dynunet_block``):
+Building blocks (the layers of MONAI's nnU-Net blocks, ``monai.networks.blocks.dynunet_block``):
 
 - a *stage* is two ``conv -> InstanceNorm(affine) -> LeakyReLU(0.01)`` layers; the first conv of a stage
   carries the stage's stride (strided-conv down-sampling, no pooling), the second has stride 1;
@@ -14,6 +14,13 @@ Building blocks (MONAI's nnU-Net blocks, ``monai.networks.blocks.dynunet_block``
 
 MONAI's conv layers have no bias before instance norm (the norm's affine shift makes it redundant);
 nnU-Net keeps one; the difference is a handful of parameters.
+
+The three blocks (:class:`ConvBlock`, :class:`OutputHead`, :func:`transposed_conv`) are written here with
+exactly the layers, paddings, parameter names, creation order and arithmetic of MONAI's ``UnetBasicBlock``,
+``UnetOutBlock`` and ``get_conv_layer`` (``test_nnunet_blocks_match_monai`` holds them to it, weights and
+outputs), so checkpoints load either way. The reason is start-up time: importing any MONAI module runs
+``monai/__init__``, which imports all of MONAI (1.6 s on the 2-core machines, on top of PyTorch's 1.2 s), and
+the engine's default infection network is this U-Net; every ``covidlesionseg segment`` paid it.
 
 Why not ``monai.networks.nets.DynUNet`` itself: the dual-encoder models of 000/001/002 need the encoder and
 the decoder as separate modules (two encoders, one shared decoder whose input width differs), and
@@ -54,10 +61,10 @@ capped at 480, six stages, 3x3 kernels, first stage without stride (inputs divis
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, get_conv_layer
 from torch import nn
 
 from .registry import register
@@ -72,6 +79,59 @@ PAPER_3D_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3
 DEFAULT_2D_CHANNELS = [32, 64, 128, 256, 480, 480]
 DEFAULT_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
 DEFAULT_2D_KERNELS = [[3, 3]] * 6
+
+
+def _same_padding(kernel_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """MONAI's ``get_padding``: ``(k - s + 1) / 2`` per axis, truncated."""
+    return tuple(int((int(k) - int(s) + 1) / 2) for k, s in zip(kernel_size, stride, strict=True))
+
+
+def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size, stride, bias: bool) -> nn.Sequential:
+    """A conv in a container whose one child is ``conv`` (MONAI's ``Convolution`` holds it so: same keys)."""
+    k = _per_axis(kernel_size, spatial_dims, "kernel size", 0)
+    s = _per_axis(stride, spatial_dims, "stride", 0)
+    cls = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    return nn.Sequential(OrderedDict(conv=cls(in_channels, out_channels, k, s, padding=_same_padding(k, s), bias=bias)))
+
+
+def transposed_conv(spatial_dims: int, in_channels: int, out_channels: int, stride) -> nn.Sequential:
+    """Up-sampling by a transposed conv of kernel = stride, no bias (MONAI's ``get_conv_layer(...,
+    kernel_size=stride, stride=stride, bias=False, is_transposed=True)``)."""
+    s = _per_axis(stride, spatial_dims, "stride", 0)
+    pad = _same_padding(s, s)
+    out_pad = tuple(2 * p for p in pad)   # MONAI's get_output_padding 2p + s - k, with k = s
+    cls = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+    return nn.Sequential(OrderedDict(conv=cls(in_channels, out_channels, s, s, padding=pad, output_padding=out_pad,
+                                              bias=False)))
+
+
+class ConvBlock(nn.Module):
+    """Two ``conv -> InstanceNorm(affine) -> LeakyReLU(0.01)`` layers, the first with the stage's stride
+    (MONAI's ``UnetBasicBlock`` with ``norm_name=NORM, act_name=ACT``: same layers, names and order)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size, stride):
+        super().__init__()
+        self.conv1 = _conv(spatial_dims, in_channels, out_channels, kernel_size, stride, bias=False)
+        self.conv2 = _conv(spatial_dims, out_channels, out_channels, kernel_size, 1, bias=False)
+        self.lrelu = nn.LeakyReLU(negative_slope=ACT[1]["negative_slope"], inplace=ACT[1]["inplace"])
+        norm = nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d
+        self.norm1 = norm(out_channels, **NORM[1])
+        self.norm2 = norm(out_channels, **NORM[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lrelu(self.norm1(self.conv1(x)))
+        return self.lrelu(self.norm2(self.conv2(x)))
+
+
+class OutputHead(nn.Module):
+    """A 1x1 conv with bias to the logits (MONAI's ``UnetOutBlock``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = _conv(spatial_dims, in_channels, out_channels, 1, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 def _per_axis(value: Any, spatial_dims: int, what: str, stage: int) -> tuple[int, ...]:
@@ -159,7 +219,7 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, strides) -
 
 
 class NnUNetEncoder(nn.Module):
-    """Encoder: one :class:`UnetBasicBlock` (two conv-IN-lReLU, first strided) per stage.
+    """Encoder: one :class:`ConvBlock` (two conv-IN-lReLU, first strided) per stage.
 
     ``forward`` returns the list of stage outputs ``[stage0 (full res), ..., bottleneck]``.
     """
@@ -174,7 +234,7 @@ class NnUNetEncoder(nn.Module):
         stages = []
         prev = in_channels
         for c, s, k in zip(self.channels, self.strides, self.kernel_sizes, strict=True):
-            stages.append(UnetBasicBlock(spatial_dims, prev, c, kernel_size=k, stride=s, norm_name=NORM, act_name=ACT))
+            stages.append(ConvBlock(spatial_dims, prev, c, kernel_size=k, stride=s))
             prev = c
         self.stages = nn.ModuleList(stages)
 
@@ -195,11 +255,8 @@ class _DecoderStage(nn.Module):
 
     def __init__(self, spatial_dims, in_channels, skip_channels, out_channels, kernel_size, up_stride):
         super().__init__()
-        self.transp_conv = get_conv_layer(spatial_dims, in_channels, out_channels, kernel_size=up_stride,
-                                          stride=up_stride, bias=False, act=None, norm=None, conv_only=False,
-                                          is_transposed=True)
-        self.conv_block = UnetBasicBlock(spatial_dims, out_channels + skip_channels, out_channels,
-                                         kernel_size=kernel_size, stride=1, norm_name=NORM, act_name=ACT)
+        self.transp_conv = transposed_conv(spatial_dims, in_channels, out_channels, up_stride)
+        self.conv_block = ConvBlock(spatial_dims, out_channels + skip_channels, out_channels, kernel_size, 1)
 
     def forward(self, x, skip):
         return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
@@ -232,7 +289,7 @@ class NnUNetDecoder(nn.Module):
         for level in range(n - 2, -1, -1):
             stages.append(_DecoderStage(spatial_dims, prev, skip_channels[level], channels[level],
                                         kernel_sizes[level], strides[level + 1]))
-            heads.append(UnetOutBlock(spatial_dims, channels[level], out_channels))
+            heads.append(OutputHead(spatial_dims, channels[level], out_channels))
             prev = channels[level]
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)   # heads[i] belongs to stages[i] (deep -> shallow)

@@ -1,8 +1,9 @@
 """Architecture registry: every network is built from a small config ``{"arch": id, "args": {...}}``.
 
 Networks register themselves with :func:`register`; :func:`build` turns a config (as stored in a
-checkpoint, a training config or the model manifest) into a ``torch.nn.Module``. Importing
-``COVIDLesionSegLib.models`` imports every architecture module, so the registry is complete.
+checkpoint, a training config or the model manifest) into a ``torch.nn.Module``. :func:`get` and
+:func:`build` import only the module of the architecture asked for, :func:`architectures` every module
+(``_load_all.py`` says which module registers which id).
 
 Contract every registered network follows (the predictor, the losses and training rely on it):
 
@@ -49,9 +50,25 @@ def register(arch_id: str, *, dims: tuple[int, ...], paper: str, summary: str,
 
 def architectures() -> dict[str, Architecture]:
     """All registered architectures by id."""
-    from . import _load_all  # noqa: F401  (imports every architecture module once)
+    from ._load_all import load_all
 
+    load_all()
     return dict(_ARCHITECTURES)
+
+
+def get(arch_id: Any) -> Architecture:
+    """The architecture ``arch_id``, importing only its module.
+
+    Raises:
+        KeyError: with the list of known ids when ``arch_id`` is unknown.
+    """
+    from ._load_all import load_module_of
+
+    if arch_id not in _ARCHITECTURES and not (isinstance(arch_id, str) and load_module_of(arch_id)):
+        known = architectures()
+        if arch_id not in known:
+            raise KeyError(f"unknown architecture {arch_id!r}; known: {', '.join(sorted(known))}")
+    return _ARCHITECTURES[arch_id]
 
 
 def build(config: dict[str, Any]):
@@ -60,8 +77,4 @@ def build(config: dict[str, Any]):
     Raises:
         KeyError: with the list of known ids when ``arch`` is unknown.
     """
-    archs = architectures()
-    arch_id = config.get("arch")
-    if arch_id not in archs:
-        raise KeyError(f"unknown architecture {arch_id!r}; known: {', '.join(sorted(archs))}")
-    return archs[arch_id].builder(**dict(config.get("args") or {}))
+    return get(config.get("arch")).builder(**dict(config.get("args") or {}))
