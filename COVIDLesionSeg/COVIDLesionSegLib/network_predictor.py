@@ -32,7 +32,12 @@ Devices: ``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without CUD
 :class:`DeviceError`. CUDA runs under autocast in float16 by default (nnU-Net's choice; its 10-bit mantissa
 kept probabilities of the paper-size nnU-Net within 4e-3 (mean 1e-4) of float32 on an H100, where
 bfloat16 differed by up to 0.02), with
-a batch whose logits overflow to inf/NaN recomputed in float32; the CPU runs in float32.
+a batch whose logits overflow to inf/NaN recomputed in float32. The CPU runs under autocast in bfloat16
+where the processor computes it natively (AVX512-BF16 or AMX: :func:`cpu_has_native_bfloat16`), else in
+float32 (``cpu_amp``): on the 2-core development machines bfloat16 halved the default infection network's
+time on P001 (7.2 -> 3.5 s) and changed its kept mask by 121 of 96,225 voxels (0.13 %), no slice's label and
+none of normal001's voxels (``docs/default_models.md`` section 8); emulated bfloat16 would be slower than
+float32, so processors without it keep float32.
 A CUDA out-of-memory error (:func:`~.errors.is_cuda_out_of_memory`), while loading or running, moves the model
 to the CPU and runs the case again there, with a warning in ``info.extra["notes"]`` and in ``volume.notes``
 (:attr:`NetworkModel.fell_back_to_cpu` tells the worker); this is the only fallback of the project.
@@ -53,6 +58,7 @@ import numpy as np
 import torch
 
 from .errors import DeviceError, is_cuda_out_of_memory
+from .infection_hu import segment_infection_hu
 from .lungs import split_right_left
 from .models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .postprocess import InfectionPostprocess
@@ -92,6 +98,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cpu":
         return dev
     raise DeviceError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this processor computes bfloat16 natively (AVX512-BF16 or AMX tiles): then autocast in
+    bfloat16 runs PyTorch's CPU convolutions about twice as fast as float32; without it they are emulated
+    and slower. (PyTorch exposes the test only as ``torch.cpu._is_*_supported``; absent means no.)"""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -163,6 +177,8 @@ class NetworkModel:
         overlap: sliding-window overlap (3D).
         margin_mm: margin around the lung (or body) bounding box.
         amp: autocast dtype on CUDA: ``"float16"`` (default), ``"bfloat16"`` or ``None`` (float32).
+        cpu_amp: autocast on the CPU: ``"auto"`` (default: bfloat16 where the processor has it natively,
+            else float32), ``"bfloat16"`` or ``None`` (float32).
         expected_sha256: sha256 of the checkpoint file from the model manifest, verified on loading.
         slice_step: 2D infection models: run every ``slice_step``-th lung slice (and the last one) and
             interpolate the others' probabilities linearly in z (the fast mode uses 2: half the network
@@ -181,7 +197,7 @@ class NetworkModel:
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, device: str | torch.device = "auto",
                  batch_size: int | None = None, progress: Optional[ProgressCallback] = None, *,
                  overlap: float = 0.5, margin_mm: float = 10.0, expected_sha256: str | None = None,
-                 amp: str | None = "float16", slice_step: int = 1):
+                 amp: str | None = "float16", cpu_amp: str | None = "auto", slice_step: int = 1):
         ckpt = self.__dict__.pop("_preloaded", None) or _as_checkpoint(checkpoint, expected_sha256)
         expected_task = {NetworkInfectionModel: "infection", NetworkLungModel: "lungs"}.get(type(self))
         if expected_task is not None and ckpt.task != expected_task:
@@ -192,6 +208,9 @@ class NetworkModel:
         if amp not in (None, "float16", "bfloat16"):
             raise ValueError(f"amp must be 'float16', 'bfloat16' or None, got {amp!r}")
         self.amp = amp
+        if cpu_amp not in (None, "auto", "bfloat16"):
+            raise ValueError(f"cpu_amp must be 'auto', 'bfloat16' or None, got {cpu_amp!r}")
+        self.cpu_amp = cpu_amp
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if int(slice_step) < 1:
@@ -227,7 +246,8 @@ class NetworkModel:
         self.info = ModelInfo(
             model_id=ckpt.model_id, version=ckpt.version, task=ckpt.task, description=ckpt.description,
             threshold=self.threshold, device=str(self._device),
-            extra={"arch": ckpt.arch, "dims": self.dims, "checkpoint": str(ckpt.path) if ckpt.path else None,
+            extra={"arch": ckpt.arch, "dims": self.dims, "precision": self.precision,
+                   "checkpoint": str(ckpt.path) if ckpt.path else None,
                    "state_dict_sha256": ckpt.state_dict_sha256, "notes": list(self.notes)})
         report(progress, 1.0, f"model {ckpt.model_id} ready on {self._device}")
 
@@ -248,11 +268,21 @@ class NetworkModel:
         return 2 if cuda else 1
 
     def _amp_dtype(self) -> torch.dtype | None:
+        if self._device.type == "cpu":
+            if self.cpu_amp == "bfloat16" or (self.cpu_amp == "auto" and cpu_has_native_bfloat16()):
+                return torch.bfloat16
+            return None
         if self._device.type != "cuda" or self.amp is None:
             return None
         if self.amp == "bfloat16" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the network runs in on its device: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+        amp = self._amp_dtype()
+        return "float32" if amp is None else str(amp).replace("torch.", "")
 
     def _net_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._net(x)
@@ -264,11 +294,11 @@ class NetworkModel:
         amp = self._amp_dtype()
         if amp is None:
             return self._net_forward(x)
-        with torch.autocast(device_type="cuda", dtype=amp):
+        with torch.autocast(device_type=self._device.type, dtype=amp):
             y = self._net_forward(x)
         if not bool(torch.isfinite(y).all()):
             # Half precision overflowed somewhere in the network: this batch again in float32.
-            note = "half-precision overflow on CUDA: some batches were recomputed in float32"
+            note = f"half-precision overflow on {self._device.type.upper()}: some batches were recomputed in float32"
             if note not in self.notes:
                 self.notes.append(note)
                 self.info = dataclasses.replace(self.info, extra={**self.info.extra, "notes": list(self.notes)})
@@ -374,7 +404,8 @@ class NetworkModel:
     def _fall_back_to_cpu(self, volume: CTVolume | None) -> None:
         self._net.to("cpu")
         self._move_to_cpu(volume, self.info.model_id)
-        self.info = dataclasses.replace(self.info, device="cpu", extra={**self.info.extra, "notes": list(self.notes)})
+        self.info = dataclasses.replace(self.info, device="cpu", extra={**self.info.extra, "notes": list(self.notes),
+                                                                         "precision": self.precision})
 
 
 class NetworkInfectionModel(NetworkModel):
@@ -386,19 +417,29 @@ class NetworkInfectionModel(NetworkModel):
         if lungs.shape != volume.shape:
             raise ValueError(f"lung mask shape {lungs.shape} does not match the volume {volume.shape}")
         progress = progress if progress is not None else self._progress
-        probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress), volume)
+        hu_mask = needed = None
+        if self.postprocess.confirm_hu_threshold:
+            # The Hounsfield-band mask first: the network's output matters only on the slices near it
+            # (InfectionPostprocess.slices_that_matter), so only those are run; the kept mask is the same.
+            hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx)
+            needed = self.postprocess.slices_that_matter(hu_mask, volume.spacing_zyx)
+        probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress, needed), volume)
         if not self.postprocess.is_identity:
             # The checkpoint's post-processing (postprocess.py) decides which voxels are infection; dropped
             # voxels get probability 0 and kept ones at least the threshold (confirm_hu_threshold keeps
             # Hounsfield-band voxels the network scored lower), so the pipeline's threshold gives exactly the
             # kept mask and the probabilities stay the network's wherever they agree with it.
             kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx,
-                                          lungs)
+                                          lungs, hu_mask=hu_mask)
             probs[~kept & (probs >= self.threshold)] = 0.0
-            np.maximum(probs, np.where(kept, np.float32(self.threshold), np.float32(0.0)), out=probs)
+            # Raised to the threshold on the kept voxels only (a full-size np.where was 155 MB more on P001).
+            probs[kept] = np.maximum(probs[kept], np.float32(self.threshold))
         return probs
 
-    def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback]) -> np.ndarray:
+    def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback],
+                 needed: Optional[np.ndarray] = None) -> np.ndarray:
+        """Probabilities on the grid; ``needed`` (bool per axial slice, 2D networks) limits the slices whose
+        probabilities are computed (others stay 0), each computed exactly as without it."""
         what = f"{self.info.model_id} ({self._device.type})"
         margin = margin_voxels(self.margin_mm, volume.spacing_zyx)
         box = bounding_box(mask, margin)
@@ -410,12 +451,22 @@ class NetworkInfectionModel(NetworkModel):
         if self.dims == 2:
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
             run = zs if self.slice_step == 1 else np.unique(np.append(zs[::self.slice_step], zs[-1]))
+            wanted = zs if needed is None else zs[np.asarray(needed, dtype=bool)[zs]]
+            skipped = np.setdiff1d(wanted, run)   # fast mode: wanted slices between two that are run
+            if needed is not None:
+                # The run slices that are wanted themselves or bracket a wanted skipped one (zs[0] and zs[-1]
+                # are always run, so every skipped slice has both).
+                k = np.searchsorted(run, skipped)
+                run = np.union1d(np.intersect1d(wanted, run), np.union1d(run[k - 1], run[k])).astype(zs.dtype)
+            if run.size == 0:
+                report(progress, 1.0, f"{what}: no slice needs the network")
+                return out
 
             def sink(zb: np.ndarray, probs: np.ndarray) -> None:
                 out[zb, box[1], box[2]] = probs[:, 0]
 
             self._run_2d(hu, run, (box[1], box[2]), False, sink, progress, what)
-            for z in np.setdiff1d(zs, run):   # fast mode: the skipped slices between two that were run
+            for z in skipped:
                 k = int(np.searchsorted(run, z))
                 below, above = run[k - 1], run[k]
                 w = np.float32((z - below) / (above - below))

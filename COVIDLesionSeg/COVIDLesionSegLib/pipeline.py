@@ -247,22 +247,29 @@ class Pipeline:
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
             # The two images are compressed and read back at the same time (zlib and ITK's writer release
             # the GIL): on two cores the slower one is the write time. Scans above PARALLEL_WRITE_VOXELS
-            # write one after the other, so that the two files' buffers are never held together.
+            # write one after the other, so that the two files' buffers are never held together. The PDF/HTML
+            # report (matplotlib: Python, holding the GIL) is drawn meanwhile, unless it must quote the DICOM
+            # outputs, which are written after the images.
             masks = _segment_masks(lungs, infection)     # also what the DICOM SEG is written from
             labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))   # the array is freed at once
             geometry.apply_to(labels_image)
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            report_now = "pdf_report" in files and "dicom_seg" not in files
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                pending = [pool.submit(self._write_report, case, result, {})] if report_now else []
                 write_labels = partial(outputs.write_labelmap, case.staging_path("labels"), labels_image)
                 del labels_image
-                labels = pool.submit(write_labels) if lungs.size <= PARALLEL_WRITE_VOXELS else None
-                if labels is None:
+                if lungs.size <= PARALLEL_WRITE_VOXELS:
+                    pending.append(pool.submit(write_labels))
+                else:
                     write_labels()
-                    del write_labels
+                del write_labels
                 try:
                     outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
                 finally:
-                    if labels is not None:
-                        labels.result()
+                    for task in pending:   # every task ends before the staging folder can be cleaned up
+                        task.exception()
+                for task in pending:
+                    task.result()
             extra: dict[str, Any] = {}
             if "dicom_seg" in files:
                 from . import dicom_export
@@ -271,16 +278,20 @@ class Pipeline:
                     case.staging_path("dicom_seg"), case.staging_path("dicom_sr"), masks, geometry,
                     result.dicom.files, result.report())
             del masks, lungs, infection
-            if "pdf_report" in files:
-                from . import reports
-
-                reports.write_case_report(case.staging_path("pdf_report"), case.staging_path("html_report"),
-                                          {**result.report(), **extra}, result.volume, result.lungs,
-                                          result.infection)
+            if "pdf_report" in files and not report_now:
+                self._write_report(case, result, extra)
             result.timings["write"] = time.perf_counter() - started
             report = {**result.report(), **extra}
             case.commit(report, outputs.results_row(report))
         return report
+
+
+    @staticmethod
+    def _write_report(case: outputs.CaseWriter, result: SegmentationResult, extra: dict[str, Any]) -> None:
+        from . import reports
+
+        reports.write_case_report(case.staging_path("pdf_report"), case.staging_path("html_report"),
+                                  {**result.report(), **extra}, result.volume, result.lungs, result.infection)
 
 
 def dicom_problem(dicom: Optional[io.DicomSource]) -> Optional[str]:
@@ -416,6 +427,9 @@ def _model_record(model, fast: bool = False) -> dict[str, Any]:
     # str(): a network model's device is a torch.device, the report is JSON.
     record: dict[str, Any] = {"id": info.model_id, "version": info.version,
                               "device": str(getattr(model, "device", info.device))}
+    precision = getattr(model, "precision", None)   # network models: float32, or bfloat16 / float16 autocast
+    if precision is not None:
+        record["precision"] = precision
     if fast:
         record["fast"] = True
     try:  # the licence travels with the result (the report prints it; weights may be non-commercial)

@@ -43,6 +43,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.ndimage import maximum_filter1d
 
 from .infection_hu import segment_infection_hu
 from .preprocessing import bounding_box
@@ -105,6 +106,22 @@ class InfectionPostprocess:
             out = grown_components(confirmed, out, spacing_zyx, self.grow_mm)
         return out
 
+    def slices_that_matter(self, hu_mask: np.ndarray, spacing_zyx: Sequence[float]) -> Optional[np.ndarray]:
+        """The axial slices (bool per z) outside which the network's mask cannot change :meth:`apply`'s
+        result, given the Hounsfield-band mask ``hu_mask``; ``None`` when every slice can.
+
+        With ``confirm_hu_threshold`` the result is made of ``hu_mask``'s components and network voxels within
+        ``grow_mm`` of them: a slice farther than ``grow_mm`` along z from every ``hu_mask`` voxel cannot
+        contribute (one slice more is kept as a margin). The HU rules are voxel-wise; ``min_component_ml``
+        measures the network's components across slices, so with it every slice matters. A 2D network then
+        runs only these slices (on P001 108 of its 139 lung slices, on a scan with no opacity none).
+        """
+        if not self.confirm_hu_threshold or self.min_component_ml > 0:
+            return None
+        has = np.asarray(hu_mask, dtype=bool).any(axis=(1, 2))
+        reach = int(math.floor(self.grow_mm / float(spacing_zyx[0]) + 1e-9)) + 1
+        return maximum_filter1d(has, size=2 * reach + 1, mode="constant", cval=False)
+
     def _apply_rules(self, mask: np.ndarray, hu: np.ndarray, spacing_zyx: Sequence[float],
                      lungs: Optional[np.ndarray]) -> np.ndarray:
         """The HU and component rules (all but the confirmation) on a non-empty mask."""
@@ -146,13 +163,20 @@ class InfectionPostprocess:
 def confirmed_components(candidates: np.ndarray, evidence: np.ndarray) -> np.ndarray:
     """The 3D (26-connected) components of ``candidates`` that overlap ``evidence`` somewhere (bool)."""
     candidates = np.asarray(candidates, dtype=bool)
-    hit = candidates & np.asarray(evidence, dtype=bool)
+    out = np.zeros_like(candidates)
+    box = bounding_box(candidates)   # components lie inside it: label only the box (a fraction of the scan)
+    if box is None:
+        return out
+    inside = candidates[box]
+    hit = inside & np.asarray(evidence, dtype=bool)[box]
     if not hit.any():
-        return np.zeros_like(candidates)
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(candidates.astype(np.uint8)),
-                                                            True))
-    keep = np.unique(labels[hit])
-    return np.isin(labels, keep[keep > 0])
+        return out
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(inside.view(np.uint8)), True))
+    keep = np.zeros(int(labels.max()) + 1, dtype=bool)   # a lookup table instead of np.isin's sort
+    keep[np.unique(labels[hit])] = True
+    keep[0] = False
+    out[box] = keep[labels]
+    return out
 
 
 def grown_components(confirmed: np.ndarray, candidates: np.ndarray, spacing_zyx: Sequence[float],

@@ -103,11 +103,11 @@ def pretend_full_gpu(model, monkeypatch) -> list[str]:
     model._device = torch.device("cuda")
     real = model._predict
 
-    def flaky(volume, mask, progress):
+    def flaky(volume, mask, progress, *rest):
         attempts.append(model.device.type)
         if model.device.type == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(volume, mask, progress)
+        return real(volume, mask, progress, *rest)
 
     monkeypatch.setattr(model, "_predict", flaky)
     return attempts

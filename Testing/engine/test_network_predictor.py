@@ -413,3 +413,57 @@ def test_slice_step_runs_every_second_lung_slice_and_interpolates_the_others(tmp
         np.testing.assert_allclose(fast[z], 0.5 * (full[z - 1] + full[z + 1]), atol=1e-6)
     with pytest.raises(ValueError, match="slice_step"):
         NetworkModel(path, device="cpu", slice_step=0)
+
+
+@pytest.mark.parametrize("slice_step", [1, 2])
+def test_confirm_and_grow_runs_only_the_slices_that_can_change_the_result(tmp_path, slice_step):
+    """With confirm_hu_threshold + grow_mm the network runs only on lung slices within grow_mm (along z) of the
+    Hounsfield-band mask (InfectionPostprocess.slices_that_matter), and the kept mask is the one a run over
+    every lung slice gives (also in the fast mode, which interpolates skipped slices from run ones)."""
+    zz, yy, xx = np.mgrid[:40, :48, :48]
+    hu = np.full((40, 48, 48), -850.0, dtype=np.float32)
+    lesion = (zz - 8) ** 2 * 6 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 36    # near the bottom slices only
+    hu[lesion] = -300.0
+    hu[30:33, 30:36, 30:36] = -450.0        # network-dense, but a lone cube far from every HU-band component
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.0, 1.0, 2.5))
+    volume = CTVolume.from_image(image)
+    lungs = np.ones(hu.shape, dtype=np.uint8)
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name="grown",
+                       output={"activation": "sigmoid", "threshold": 0.5,
+                               "postprocess": {"confirm_hu_threshold": True, "grow_mm": 5.0}})
+    model = NetworkInfectionModel(path, device="cpu", batch_size=1, slice_step=slice_step, margin_mm=0.0)
+    calls: list[str] = []
+    kept = model.predict(volume, lungs, progress=lambda f, m: calls.append(m)) >= model.threshold
+    from COVIDLesionSegLib.infection_hu import segment_infection_hu
+
+    hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx)
+    needed = model.postprocess.slices_that_matter(hu_mask, volume.spacing_zyx)
+    assert 0 < needed.sum() < 20
+    run_every = np.unique(np.append(np.arange(40)[::slice_step], 39))
+    assert len(calls) < len(run_every)                      # fewer slices than a run over all of them
+    everything = model._predict(volume, lungs > 0, None)     # all lung slices (the fast mode's own as well)
+    reference = model.postprocess.apply((everything >= model.threshold) & (lungs > 0), volume.hu,
+                                        volume.spacing_zyx, lungs)
+    assert reference.any() and np.array_equal(kept, reference)
+
+
+def test_cpu_precision_is_bfloat16_only_where_the_processor_has_it(tmp_path):
+    """cpu_amp "auto" uses bfloat16 autocast only on processors with native bfloat16; None keeps float32; the
+    case's model record says which ran; bfloat16 probabilities stay close to float32's."""
+    from COVIDLesionSegLib.network_predictor import cpu_has_native_bfloat16
+    from COVIDLesionSegLib.pipeline import _model_record
+
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2)
+    hu, labels, _ = _phantom()
+    vol = _volume(hu)
+    auto = NetworkModel(path, device="cpu")
+    exact = NetworkModel(path, device="cpu", cpu_amp=None)
+    half = NetworkModel(path, device="cpu", cpu_amp="bfloat16")
+    assert auto.precision == ("bfloat16" if cpu_has_native_bfloat16() else "float32")
+    assert exact.precision == "float32" and half.precision == "bfloat16"
+    assert _model_record(exact)["precision"] == "float32" and exact.info.extra["precision"] == "float32"
+    p32, p16 = exact.predict(vol, labels), half.predict(vol, labels)
+    assert np.abs(p32 - p16).max() < 0.05 and not np.array_equal(p32, p16)
+    with pytest.raises(ValueError, match="cpu_amp"):
+        NetworkModel(path, device="cpu", cpu_amp="float16")

@@ -344,8 +344,9 @@ def test_demo_runs_and_reports_agreement(tmp_path, capsys):
 
 
 def test_segment_with_a_network_model(tmp_path):
-    """A shipped learned model runs through the CLI and its device lands in the JSON report."""
+    """A shipped learned model runs through the CLI and its device and arithmetic land in the JSON report."""
     from COVIDLesionSegLib import catalogue
+    from COVIDLesionSegLib.network_predictor import cpu_has_native_bfloat16
 
     networks = [e for e in catalogue.list_models() if e.source == "shipped" and e.available and e.task == "infection"]
     if not networks:
@@ -356,7 +357,8 @@ def test_segment_with_a_network_model(tmp_path):
                  "--quiet"]) == 0
     report = json.loads((out / "phantom.json").read_text())
     assert report["models"]["infection"] == {"id": networks[0].model_id, "version": networks[0].version,
-                                             "device": "cpu", "licence": networks[0].licence}
+                                             "device": "cpu", "licence": networks[0].licence,
+                                             "precision": "bfloat16" if cpu_has_native_bfloat16() else "float32"}
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_labels.nii.gz")))
     assert set(np.unique(labels)) <= {0, 1, 2, 3}
 

@@ -126,3 +126,20 @@ def test_grow_mm_grows_the_confirmed_threshold_mask_into_the_network_s_rim():
         InfectionPostprocess.from_spec({"grow_mm": 5.0})
     with pytest.raises(ValueError, match=">= 0"):
         InfectionPostprocess.from_spec({"confirm_hu_threshold": True, "grow_mm": -1.0})
+
+
+def test_slices_that_matter_reach_grow_mm_along_z_and_every_slice_when_components_couple_them():
+    hu_mask = np.zeros((30, 8, 8), dtype=bool)
+    hu_mask[10, 4, 4] = True
+    rule = InfectionPostprocess(confirm_hu_threshold=True, grow_mm=10.0)
+    needed = rule.slices_that_matter(hu_mask, (2.5, 1.0, 1.0))
+    # 10 mm at 2.5 mm slices: 4 slices each way, plus one of margin
+    assert np.array_equal(np.flatnonzero(needed), np.arange(5, 16))
+    assert not InfectionPostprocess(confirm_hu_threshold=True).slices_that_matter(
+        np.zeros_like(hu_mask), (2.5, 1.0, 1.0)).any()
+    assert InfectionPostprocess(confirm_hu_threshold=True, min_component_ml=0.1).slices_that_matter(
+        hu_mask, (2.5, 1.0, 1.0)) is None
+    assert InfectionPostprocess(min_hu=-700).slices_that_matter(hu_mask, (2.5, 1.0, 1.0)) is None
+    short = InfectionPostprocess(confirm_hu_threshold=True, grow_mm=50.0).slices_that_matter(hu_mask[8:12],
+                                                                                             (2.5, 1.0, 1.0))
+    assert short.shape == (4,) and short.all()
