@@ -16,6 +16,8 @@ the command imports (the built-in models never import torch):
 - ``ours_fast``, ``ours_lungs_only_fast``, ``ours_learned_fast``: the same with ``--fast``;
 - ``ours_large``: the defaults on a 512 x 512 x 1000 scan made from the input by linear interpolation along z
   (thin slices; written uncompressed to a temporary folder before the runs, not timed);
+- ``baseline_*`` (with ``--baseline CHECKOUT``): the ``ours_*`` configurations run by another checkout's
+  engine and shipped models, in the same rounds (the speed-up of a change, side by side);
 - ``lungmask_r231``: the ``lungmask`` package (PyPI 0.2.22, Hofmanninger et al.) running its own R231 pipeline
   through ``LMInferer(...).apply(image)`` on the image read with SimpleITK (its preprocessing, batched 2D
   U-Net inference and its volume post-processing). Its weights cannot be downloaded here, so the child saves
@@ -31,7 +33,7 @@ issue 14 with whether each is met, and the machine's load average before and aft
 are shared: timings there are upper bounds, the ratios measured side by side are what compare).
 
     python benchmarks/bench_default_models.py [--input CT] [--repeat 3] [--threads 2] [--skip-lungmask]
-                                              [--skip-large] [--only NAME ...]
+                                              [--skip-large] [--only NAME ...] [--baseline CHECKOUT]
 """
 
 from __future__ import annotations
@@ -118,11 +120,16 @@ def _peak_mb(stderr: str) -> float:
     return int(next(ln.split()[1] for ln in stderr.splitlines() if ln.startswith("PEAK_RSS_KB"))) / 1024
 
 
-def run_ours(ct: Path, threads: int, extra: list[str]) -> dict:
+def run_ours(ct: Path, threads: int, extra: list[str], code: Path | None = None) -> dict:
+    """Our CLI in a fresh process; ``code``: another checkout whose ``COVIDLesionSeg`` folder (engine and
+    shipped models) is imported instead of this one's (``--baseline``)."""
+    env = _env(threads)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code / "COVIDLesionSeg"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-c", _OURS, "segment", str(ct), "-o", tmp, "--device", "cpu", "--quiet", *extra]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"segment {' '.join(extra)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -178,9 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-lungmask", action="store_true")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these configurations")
+    p.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                   help="another checkout of this repository (e.g. `git worktree add /tmp/base main`): its engine "
+                        "runs the ours_* configurations too, as baseline_*, in the same rounds, and the JSON gives "
+                        "the ratios baseline / ours")
     args = p.parse_args(argv)
     if not args.input.exists():
         raise SystemExit(f"input {args.input} not found (the shared data live in ../shared/data)")
+    if args.baseline is not None and not (args.baseline / "COVIDLesionSeg" / "COVIDLesionSegLib").is_dir():
+        raise SystemExit(f"--baseline {args.baseline} is not a checkout of this repository")
 
     from COVIDLesionSegLib import catalogue
 
@@ -198,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         configs["lungmask_r231"] = []
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
+    if args.baseline is not None:
+        configs.update({"baseline_" + k[len("ours_"):]: v for k, v in list(configs.items())
+                        if k.startswith("ours_") and k != "ours_large"})
 
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     load_before = os.getloadavg()
@@ -208,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, extra in configs.items():
                 if name == "lungmask_r231":
                     runs[name].append(run_lungmask(args.input, args.threads))
+                elif name.startswith("baseline_"):
+                    runs[name].append(run_ours(args.input, args.threads, extra, code=args.baseline))
                 else:
                     runs[name].append(run_ours(large if name == "ours_large" else args.input, args.threads, extra))
                 print(f"{name}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
@@ -239,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             targets["lungmask_over_lungs_only"] = [ratio, MIN_RATIO_LUNGS, ratio >= MIN_RATIO_LUNGS]
         out["notes"] = ["lungmask ran a randomly initialised R231 network (its weights cannot be downloaded "
                         "here): its inference time is that of the real model, its post-processing kept no voxels"]
+    if args.baseline is not None:
+        out["baseline"] = str(args.baseline)
+        out["ratios_baseline_over_ours"] = {
+            k: round(results["baseline_" + k[len("ours_"):]]["median_wall_s"] / results[k]["median_wall_s"], 2)
+            for k in results if "baseline_" + k[len("ours_"):] in results}
     out["targets_value_limit_met"] = targets
     out["runs"] = {k: v["runs"] for k, v in results.items()}
     print(json.dumps(out, indent=2))

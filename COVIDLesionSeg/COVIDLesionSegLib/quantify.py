@@ -58,6 +58,7 @@ import numpy as np
 
 from . import LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
 from .checks import as_binary_mask
+from .preprocessing import bounding_box
 
 LUNGS: tuple[str, ...] = ("right", "left")
 VERTICAL_ZONES: tuple[str, ...] = ("upper", "middle", "lower")
@@ -185,12 +186,23 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
          "infection_outside_lungs_voxels", "infection_outside_lungs_ml", "notes": [...]}
     """
     lungs, infection, voxel_ml = _validate(lungs, infection, spacing_zyx)
-    high = None
     if hu is not None:
         hu = np.asarray(hu)
         if hu.shape != lungs.shape:
             raise ValueError(f"HU array shape {hu.shape} differs from the lung labelmap shape {lungs.shape}")
-        high = infection & (hu > HIGH_OPACITY_HU)
+    # Every count but the infection outside the lungs lies in the lungs' bounding box (on P001 about a third
+    # of the scan): count there, with the per-slice and per-row counts put back at their scan indices.
+    scan_shape = lungs.shape
+    infection_total = int(np.count_nonzero(infection))
+    box = bounding_box(lungs) or tuple(slice(0, 0) for _ in scan_shape)
+    lungs, infection = lungs[box], infection[box]
+    high = infection & (hu[box] > HIGH_OPACITY_HU) if hu is not None else None
+
+    def counts_along(mask: np.ndarray, axis: int) -> np.ndarray:
+        full = np.zeros(scan_shape[axis], dtype=np.int64)
+        full[box[axis]] = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
+        return full
+
     notes: list[str] = []
     per_lung: dict[str, Any] = {}
     zone_totals = {zone: [0, 0, 0] for zone in ZONES}  # lung, infection, high-opacity voxels, summed over lungs
@@ -200,10 +212,9 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
         lung = lungs == _LUNG_LABELS[side]
         subsets = [lung & infection] + ([lung & high] if high is not None else [])
         # Per-slice (z) and per-row (y) counts are all the zones need; no full-size zone masks.
-        lung_z = np.count_nonzero(lung, axis=(1, 2))
-        lung_y = np.count_nonzero(lung, axis=(0, 2))
-        sub_z = [np.count_nonzero(m, axis=(1, 2)) for m in subsets]
-        sub_y = [np.count_nonzero(m, axis=(0, 2)) for m in subsets]
+        lung_z, lung_y = counts_along(lung, 0), counts_along(lung, 1)
+        sub_z = [counts_along(m, 0) for m in subsets]
+        sub_y = [counts_along(m, 1) for m in subsets]
         counts = [int(lung_z.sum())] + [int(c.sum()) for c in sub_z]
         entry = _entry(*counts[:2], voxel_ml, counts[2] if high is not None else None)
         if counts[0] == 0:
@@ -238,7 +249,7 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
                                   zone_totals[zone][2] if high is not None else None) for zone in ZONES}
     per_lung[REPORT_KEYS["both"]] = both
 
-    outside = int(np.count_nonzero(infection & (lungs == 0)))
+    outside = infection_total - int(np.count_nonzero(infection & (lungs > 0)))
     if outside:
         notes.append(f"{outside} infection voxels ({_ml(outside, voxel_ml)} mL) lie outside both lung masks "
                      "and are not counted.")
