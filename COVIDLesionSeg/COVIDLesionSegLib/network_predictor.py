@@ -100,6 +100,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise DeviceError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
 
 
+#: A 2D infection network runs on axial slices at least this far apart (every k-th slice of a thinner scan, the
+#: others interpolated, with a note): the built-in infection model decides on a 1.25 mm grid too
+#: (``infection_hu.WORKING_SPACING_MM``), the networks were trained on 1-2.5 mm slices, and a 512 x 512 x 1000
+#: scan of 0.29 mm slices otherwise ran the network 1000 times.
+MIN_NETWORK_SLICE_SPACING_MM = 1.25
+
+
+def thin_slice_step(slice_spacing_mm: float) -> int:
+    """Every how many slices a 2D infection network runs on a scan of this slice spacing (1 from 1.25 mm up:
+    0.625 mm -> 2, 0.29 mm -> 4)."""
+    return max(1, int(math.floor(MIN_NETWORK_SLICE_SPACING_MM / float(slice_spacing_mm) + 1e-6)))
+
+
 def cpu_has_native_bfloat16() -> bool:
     """Whether this processor computes bfloat16 natively (AVX512-BF16 or AMX tiles): then autocast in
     bfloat16 runs PyTorch's CPU convolutions about twice as fast as float32; without it they are emulated
@@ -222,6 +235,8 @@ class NetworkModel:
         self.margin_mm = float(margin_mm)
         self._batch_size = batch_size
         self.notes: list[str] = []
+        #: Notes about the last case only (NetworkInfectionModel: thin slices the network skipped).
+        self.case_notes: list[str] = []
         self._fell_back = False
         #: Called with the warning when the model moves to the CPU after a CUDA out-of-memory error (the
         #: Slicer worker logs it at that moment).
@@ -409,7 +424,12 @@ class NetworkModel:
 
 
 class NetworkInfectionModel(NetworkModel):
-    """An infection network: ``predict(volume, lungs, progress) -> float32 (z, y, x)`` in [0, 1]."""
+    """An infection network: ``predict(volume, lungs, progress) -> float32 (z, y, x)`` in [0, 1].
+
+    A 2D network on a scan with slices thinner than :data:`MIN_NETWORK_SLICE_SPACING_MM` runs on every k-th
+    lung slice (:func:`thin_slice_step`) and interpolates the others, as the fast mode does, and says so in
+    :attr:`case_notes` (the notes of the last case).
+    """
 
     def predict(self, volume: CTVolume, lungs: np.ndarray,
                 progress: Optional[ProgressCallback] = None) -> np.ndarray:
@@ -417,6 +437,7 @@ class NetworkInfectionModel(NetworkModel):
         if lungs.shape != volume.shape:
             raise ValueError(f"lung mask shape {lungs.shape} does not match the volume {volume.shape}")
         progress = progress if progress is not None else self._progress
+        self.case_notes = []
         hu_mask = needed = None
         if self.postprocess.confirm_hu_threshold:
             # The Hounsfield-band mask first: the network's output matters only on the slices near it
@@ -450,7 +471,14 @@ class NetworkInfectionModel(NetworkModel):
         hu = volume.hu
         if self.dims == 2:
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
-            run = zs if self.slice_step == 1 else np.unique(np.append(zs[::self.slice_step], zs[-1]))
+            thin = thin_slice_step(volume.spacing_zyx[0])
+            step = self.slice_step * thin
+            if thin > 1:
+                self.case_notes.append(
+                    f"thin slices ({volume.spacing_zyx[0]:.2f} mm): the 2D infection network ran on one lung slice in "
+                    f"{thin} (at least {MIN_NETWORK_SLICE_SPACING_MM} mm apart) and the slices between were "
+                    "interpolated; the lungs and the Hounsfield-band mask used every slice")
+            run = zs if step == 1 else np.unique(np.append(zs[::step], zs[-1]))
             wanted = zs if needed is None else zs[np.asarray(needed, dtype=bool)[zs]]
             skipped = np.setdiff1d(wanted, run)   # fast mode: wanted slices between two that are run
             if needed is not None:

@@ -173,7 +173,7 @@ class Pipeline:
             np.logical_and(infection, lungs, out=infection)
             timings["infection"] = time.perf_counter() - start
             models["infection"] = _model_record(self.infection_model, self.options.fast)
-            notes.extend(getattr(self.infection_model, "notes", []))
+            notes.extend(getattr(self.infection_model, "notes", []) + getattr(self.infection_model, "case_notes", []))
 
         start = time.perf_counter()
         _emit(on_progress, "quantify", 0.0, "measuring volumes")
