@@ -177,6 +177,31 @@ def _summary(runs: list[dict]) -> dict:
             "runs": runs}
 
 
+def run_config(name: str, extra: list[str], args, large: Path | None) -> dict:
+    """One run of the configuration ``name`` (its CLI arguments ``extra``)."""
+    if name == "lungmask_r231":
+        return run_lungmask(args.input, args.threads)
+    if name.startswith("baseline_"):
+        return run_ours(args.input, args.threads, extra, code=args.baseline)
+    return run_ours(large if name == "ours_large" else args.input, args.threads, extra)
+
+
+def _check_baseline(baseline: Path | None) -> None:
+    if baseline is not None and not (baseline / "COVIDLesionSeg" / "COVIDLesionSegLib").is_dir():
+        raise SystemExit(f"--baseline {baseline} is not a checkout of this repository")
+
+
+def baseline_configs(configs: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``baseline_<name>`` for every ``ours_<name>`` but the large scan (the baseline checkout runs them)."""
+    return {"baseline_" + k[len("ours_"):]: v for k, v in configs.items() if k.startswith("ours_") and k != "ours_large"}
+
+
+def baseline_ratios(results: dict) -> dict[str, float]:
+    """Median wall time of each ``baseline_*`` configuration over its ``ours_*`` counterpart."""
+    return {k: round(results["baseline_" + k[len("ours_"):]]["median_wall_s"] / results[k]["median_wall_s"], 2)
+            for k in results if k.startswith("ours_") and "baseline_" + k[len("ours_"):] in results}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", type=Path, default=DEFAULT_INPUT)
@@ -192,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.input.exists():
         raise SystemExit(f"input {args.input} not found (the shared data live in ../shared/data)")
-    if args.baseline is not None and not (args.baseline / "COVIDLesionSeg" / "COVIDLesionSegLib").is_dir():
-        raise SystemExit(f"--baseline {args.baseline} is not a checkout of this repository")
+    _check_baseline(args.baseline)
 
     from COVIDLesionSegLib import catalogue
 
@@ -212,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
     if args.baseline is not None:
-        configs.update({"baseline_" + k[len("ours_"):]: v for k, v in list(configs.items())
-                        if k.startswith("ours_") and k != "ours_large"})
+        configs.update(baseline_configs(configs))
 
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     load_before = os.getloadavg()
@@ -222,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         large = make_large(args.input, Path(tmp)) if "ours_large" in configs else None
         for _ in range(args.repeat):
             for name, extra in configs.items():
-                if name == "lungmask_r231":
-                    runs[name].append(run_lungmask(args.input, args.threads))
-                elif name.startswith("baseline_"):
-                    runs[name].append(run_ours(args.input, args.threads, extra, code=args.baseline))
-                else:
-                    runs[name].append(run_ours(large if name == "ours_large" else args.input, args.threads, extra))
+                runs[name].append(run_config(name, extra, args, large))
                 print(f"{name}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     results = {name: _summary(r) for name, r in runs.items()}
     out = {
@@ -259,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         "here): its inference time is that of the real model, its post-processing kept no voxels"]
     if args.baseline is not None:
         out["baseline"] = str(args.baseline)
-        out["ratios_baseline_over_ours"] = {
-            k: round(results["baseline_" + k[len("ours_"):]]["median_wall_s"] / results[k]["median_wall_s"], 2)
-            for k in results if "baseline_" + k[len("ours_"):] in results}
+        out["ratios_baseline_over_ours"] = baseline_ratios(results)
     out["targets_value_limit_met"] = targets
     out["runs"] = {k: v["runs"] for k, v in results.items()}
     print(json.dumps(out, indent=2))

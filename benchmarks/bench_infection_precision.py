@@ -30,6 +30,25 @@ DEFAULT_INPUTS = [REPO.parent / "shared" / "data" / "ct" / name
                   for name in ("covidctmd_p001_ct.nii.gz", "covidctmd_normal001_ct.nii.gz")]
 
 
+def run(model, volume, lungs, cpu_amp, restrict):
+    """One infection step: (seconds, network slices, probabilities, kept mask)."""
+    from COVIDLesionSegLib.infection_hu import segment_infection_hu
+
+    rule, in_lungs = model.postprocess, lungs > 0
+    model.cpu_amp = cpu_amp
+    start = time.perf_counter()
+    hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx) if rule.confirm_hu_threshold else None
+    needed = rule.slices_that_matter(hu_mask, volume.spacing_zyx) if restrict and hu_mask is not None else None
+    probs = model._predict(volume, in_lungs, None, needed)
+    kept = (probs >= model.threshold) & in_lungs
+    if not rule.is_identity:
+        kept = rule.apply(kept, volume.hu, volume.spacing_zyx, lungs, hu_mask=hu_mask)
+    seconds = time.perf_counter() - start
+    lung_slices = in_lungs.any(axis=(1, 2))
+    slices = int(lung_slices.sum() if needed is None else (needed & lung_slices).sum())
+    return seconds, slices, probs, kept
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path, default=DEFAULT_INPUTS)
@@ -45,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from COVIDLesionSegLib import catalogue, checks
-    from COVIDLesionSegLib.infection_hu import segment_infection_hu
 
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
@@ -54,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     model = catalogue.load_model(model_id, "infection", "cpu")
     if not hasattr(model, "postprocess"):
         raise SystemExit(f"{model_id} is not a network model")
-    rule = model.postprocess
     load_before = os.getloadavg()
     scans = {}
     for path in args.inputs:
@@ -62,26 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         lungs = lung_model.segment(volume)
         in_lungs = lungs > 0
 
-        def run(cpu_amp, restrict):
-            model.cpu_amp = cpu_amp
-            start = time.perf_counter()
-            hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx) if rule.confirm_hu_threshold else None
-            needed = rule.slices_that_matter(hu_mask, volume.spacing_zyx) if restrict and hu_mask is not None else None
-            probs = model._predict(volume, in_lungs, None, needed)
-            kept = rule.apply((probs >= model.threshold) & in_lungs, volume.hu, volume.spacing_zyx, lungs,
-                              hu_mask=hu_mask) if not rule.is_identity else (probs >= model.threshold) & in_lungs
-            seconds = time.perf_counter() - start
-            slices = int(in_lungs.any(axis=(1, 2)).sum() if needed is None
-                         else (needed & in_lungs.any(axis=(1, 2))).sum())
-            return seconds, slices, probs, kept
-
         variants = {"float32_all_slices": (None, False), "float32_needed_slices": (None, True),
                     "bfloat16_needed_slices": ("bfloat16", True)}
         times: dict[str, list[float]] = {k: [] for k in variants}
         outputs = {}
         for _ in range(args.repeat):
             for name, (cpu_amp, restrict) in variants.items():
-                seconds, slices, probs, kept = run(cpu_amp, restrict)
+                seconds, slices, probs, kept = run(model, volume, lungs, cpu_amp, restrict)
                 times[name].append(seconds)
                 outputs[name] = (slices, probs, kept)
         _, ref_probs, ref_kept = outputs["float32_all_slices"]
