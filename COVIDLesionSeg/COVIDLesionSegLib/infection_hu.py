@@ -84,7 +84,6 @@ Output: a bool array on the input grid, True only inside ``lungs > 0``.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -221,36 +220,27 @@ def segment_infection_hu(hu: np.ndarray, lungs: np.ndarray, spacing_zyx: Sequenc
 def _decide(smooth: sitk.Image, lung_low: sitk.Image, progress: Optional[ProgressCallback]) -> sitk.Image:
     """Steps 3-6 of the module docstring on the working grid: the kept opacity (uint8 image)."""
     low_spacing = lung_low.GetSpacing()
+    report(progress, 0.25, "eroding the lung boundary")
+    # Pad by one voxel of background so that lungs touching the crop/array edge are eroded there too.
+    pad = [1, 1, 1]
+    eroded = sitk.BinaryErode(sitk.ConstantPad(lung_low, pad, pad, 0),
+                              _radius_voxels(PLEURA_MARGIN_MM, low_spacing), sitk.sitkBall, 0, 1)
+    eroded = sitk.Crop(eroded, pad, pad)
 
-    def eroded_lungs() -> sitk.Image:
-        # Pad by one voxel of background so that lungs touching the crop/array edge are eroded there too.
-        pad = [1, 1, 1]
-        eroded = sitk.BinaryErode(sitk.ConstantPad(lung_low, pad, pad, 0),
-                                  _radius_voxels(PLEURA_MARGIN_MM, low_spacing), sitk.sitkBall, 0, 1)
-        return sitk.Crop(eroded, pad, pad)
-
-    # ITK's binary erosion and dilation hardly use a second thread, and SimpleITK releases the GIL while a
-    # filter runs: the erosion of the lungs runs beside the vessel steps, which do not need it (on P001
-    # 2.8 -> 2.3 s for this function on 2 cores, the same mask).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        report(progress, 0.25, "eroding the lung boundary")
-        eroding = pool.submit(eroded_lungs)
-        # Dense voxels over the whole (uneroded) lung, so that vessels entering at the hilum get their halo too.
-        dense = sitk.BinaryThreshold(smooth, CONSOLIDATION_BAND_HU[0], 1e6, 1, 0) & lung_low
-
-        report(progress, 0.4, "removing large vessels")
-        thick = sitk.BinaryMorphologicalOpening(dense, _radius_voxels(CONSOLIDATION_MIN_RADIUS_MM, low_spacing),
-                                                sitk.sitkBall, 0, 1)
-        # The ball opening trims a voxel-wide fringe off every consolidation (kernel discretisation); give the
-        # fringe back (dense voxels within FRINGE_MM of the kept part) so that it is not taken for vessels
-        # whose halo would then eat the consolidation's border.
-        thick = sitk.BinaryDilate(thick, _radius_voxels(FRINGE_MM, low_spacing), sitk.sitkBall, 0, 1) & dense
-        tubes = dense & (1 - thick)
-        halo = sitk.BinaryDilate(tubes, _radius_voxels(VESSEL_HALO_MM, low_spacing), sitk.sitkBall, 0, 1)
-        eroded = eroding.result()
-
-    report(progress, 0.5, "Hounsfield bands")
+    report(progress, 0.4, "Hounsfield bands")
     band = sitk.BinaryThreshold(smooth, GGO_BAND_HU[0], CONSOLIDATION_BAND_HU[1], 1, 0) & eroded
+    # Dense voxels over the whole (uneroded) lung, so that vessels entering at the hilum get their halo too.
+    dense = sitk.BinaryThreshold(smooth, CONSOLIDATION_BAND_HU[0], 1e6, 1, 0) & lung_low
+
+    report(progress, 0.5, "removing large vessels")
+    thick = sitk.BinaryMorphologicalOpening(dense, _radius_voxels(CONSOLIDATION_MIN_RADIUS_MM, low_spacing),
+                                            sitk.sitkBall, 0, 1)
+    # The ball opening trims a voxel-wide fringe off every consolidation (kernel discretisation); give the
+    # fringe back (dense voxels within FRINGE_MM of the kept part) so that it is not taken for vessels
+    # whose halo would then eat the consolidation's border.
+    thick = sitk.BinaryDilate(thick, _radius_voxels(FRINGE_MM, low_spacing), sitk.sitkBall, 0, 1) & dense
+    tubes = dense & (1 - thick)
+    halo = sitk.BinaryDilate(tubes, _radius_voxels(VESSEL_HALO_MM, low_spacing), sitk.sitkBall, 0, 1)
     # The halo may reach into thick consolidation next to a vessel: keep the consolidation.
     band = band & (1 - (halo & (1 - thick)))
 

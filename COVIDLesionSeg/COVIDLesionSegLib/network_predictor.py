@@ -34,10 +34,10 @@ kept probabilities of the paper-size nnU-Net within 4e-3 (mean 1e-4) of float32 
 bfloat16 differed by up to 0.02), with
 a batch whose logits overflow to inf/NaN recomputed in float32. The CPU runs under autocast in bfloat16
 where the processor computes it natively (AVX512-BF16 or AMX: :func:`cpu_has_native_bfloat16`), else in
-float32 (``cpu_amp``): on the 2-core development machines bfloat16 halved the default infection network's
-time on P001 (7.2 -> 3.5 s) and changed its kept mask by 121 of 96,225 voxels (0.13 %), no slice's label and
-none of normal001's voxels (``docs/default_models.md`` section 8); emulated bfloat16 would be slower than
-float32, so processors without it keep float32.
+float32 (``cpu_amp``): ``benchmarks/bench_infection_precision.py`` on the 2-core development machines (run
+``runs/bench_precision_round8.json``, loaded) took the default infection model's step on P001 from 23.6 to
+19.3 s, and changed its kept mask by 121 of 96,225 voxels (0.13 %), no slice's label and none of normal001's
+voxels; emulated bfloat16 would be slower than float32, so processors without it keep float32.
 A CUDA out-of-memory error (:func:`~.errors.is_cuda_out_of_memory`), while loading or running, moves the model
 to the CPU and runs the case again there, with a warning in ``info.extra["notes"]`` and in ``volume.notes``
 (:attr:`NetworkModel.fell_back_to_cpu` tells the worker); this is the only fallback of the project.
@@ -49,6 +49,7 @@ Progress: ``progress(fraction, message)`` is called after every batch of slices 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -113,6 +114,7 @@ def thin_slice_step(slice_spacing_mm: float) -> int:
     return max(1, int(math.floor(MIN_NETWORK_SLICE_SPACING_MM / float(slice_spacing_mm) + 1e-6)))
 
 
+@functools.lru_cache(maxsize=None)   # asked before every batch; the processor does not change
 def cpu_has_native_bfloat16() -> bool:
     """Whether this processor computes bfloat16 natively (AVX512-BF16 or AMX tiles): then autocast in
     bfloat16 runs PyTorch's CPU convolutions about twice as fast as float32; without it they are emulated
@@ -445,6 +447,12 @@ class NetworkInfectionModel(NetworkModel):
             hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx)
             needed = self.postprocess.slices_that_matter(hu_mask, volume.spacing_zyx)
         probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress, needed), volume)
+        thin = thin_slice_step(volume.spacing_zyx[0]) if self.dims == 2 else 1
+        if thin > 1:
+            self.case_notes.append(
+                f"thin slices ({volume.spacing_zyx[0]:.2f} mm): the 2D infection network ran on one lung slice in "
+                f"{thin} (at least {MIN_NETWORK_SLICE_SPACING_MM} mm apart) and the slices between were "
+                "interpolated; the lungs and the Hounsfield-band mask used every slice")
         if not self.postprocess.is_identity:
             # The checkpoint's post-processing (postprocess.py) decides which voxels are infection; dropped
             # voxels get probability 0 and kept ones at least the threshold (confirm_hu_threshold keeps
@@ -471,13 +479,7 @@ class NetworkInfectionModel(NetworkModel):
         hu = volume.hu
         if self.dims == 2:
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
-            thin = thin_slice_step(volume.spacing_zyx[0])
-            step = self.slice_step * thin
-            if thin > 1:
-                self.case_notes.append(
-                    f"thin slices ({volume.spacing_zyx[0]:.2f} mm): the 2D infection network ran on one lung slice in "
-                    f"{thin} (at least {MIN_NETWORK_SLICE_SPACING_MM} mm apart) and the slices between were "
-                    "interpolated; the lungs and the Hounsfield-band mask used every slice")
+            step = self.slice_step * thin_slice_step(volume.spacing_zyx[0])
             run = zs if step == 1 else np.unique(np.append(zs[::step], zs[-1]))
             wanted = zs if needed is None else zs[np.asarray(needed, dtype=bool)[zs]]
             skipped = np.setdiff1d(wanted, run)   # fast mode: wanted slices between two that are run

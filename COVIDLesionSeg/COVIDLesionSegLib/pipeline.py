@@ -285,7 +285,6 @@ class Pipeline:
             case.commit(report, outputs.results_row(report))
         return report
 
-
     @staticmethod
     def _write_report(case: outputs.CaseWriter, result: SegmentationResult, extra: dict[str, Any]) -> None:
         from . import reports

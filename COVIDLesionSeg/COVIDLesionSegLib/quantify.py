@@ -190,8 +190,7 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
         hu = np.asarray(hu)
         if hu.shape != lungs.shape:
             raise ValueError(f"HU array shape {hu.shape} differs from the lung labelmap shape {lungs.shape}")
-    # Every count but the infection outside the lungs lies in the lungs' bounding box (on P001 about a third
-    # of the scan): count there, with the per-slice and per-row counts put back at their scan indices.
+    # Every count but the infection outside the lungs lies in the lungs' bounding box: count there, with the per-slice and per-row counts put back at their scan indices.
     scan_shape = lungs.shape
     infection_total = int(np.count_nonzero(infection))
     box = bounding_box(lungs) or tuple(slice(0, 0) for _ in scan_shape)

@@ -64,8 +64,10 @@ def get(arch_id: Any) -> Architecture:
     """
     from ._load_all import load_module_of
 
-    if arch_id not in _ARCHITECTURES and not (isinstance(arch_id, str) and load_module_of(arch_id)):
-        known = architectures()
+    if arch_id not in _ARCHITECTURES and isinstance(arch_id, str):
+        load_module_of(arch_id)
+    if arch_id not in _ARCHITECTURES:
+        known = architectures()   # every module: the table may not name the module that registers it
         if arch_id not in known:
             raise KeyError(f"unknown architecture {arch_id!r}; known: {', '.join(sorted(known))}")
     return _ARCHITECTURES[arch_id]
