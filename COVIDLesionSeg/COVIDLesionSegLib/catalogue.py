@@ -147,11 +147,13 @@ def get_entry(model_id: str) -> ModelEntry:
     raise ModelError(f"unknown model {model_id!r}; known models: {known} (see `covidlesionseg models list`)")
 
 
-def load_model(model_id: str, task: str, device: str = "auto", fast: bool = False):
+def load_model(model_id: str, task: str, device: str = "auto", fast: bool = False, masks: bool = False):
     """Instantiate the model ``model_id`` for ``task`` ("lungs" or "infection") on ``device``.
 
     ``fast``: the fast mode (coarser grids for the built-in models; every second lung slice, the others
-    interpolated, for a 2D infection network; nothing for other networks).
+    interpolated, for a 2D infection network; nothing for other networks). ``masks``: an infection network
+    gives its bool mask rather than probabilities (``NetworkModel(output="mask")``: what the pipeline needs,
+    in a quarter of the memory); the built-in model always does.
     """
     entry = get_entry(model_id)
     if entry.task != task:
@@ -167,7 +169,8 @@ def load_model(model_id: str, task: str, device: str = "auto", fast: bool = Fals
 
     try:
         return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256,
-                            slice_step=2 if fast and task == "infection" else 1)
+                            slice_step=2 if fast and task == "infection" else 1,
+                            output="mask" if masks and task == "infection" else "probabilities")
     except CheckpointError as exc:
         # The file is damaged, replaced or foreign: how to get a good copy depends on where it came from,
         # which only the catalogue knows.

@@ -101,19 +101,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise DeviceError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
 
 
-#: A 2D infection network runs on axial slices at least this far apart (every k-th slice of a thinner scan, the
-#: others interpolated, with a note): the built-in infection model decides on a 1.25 mm grid too
-#: (``infection_hu.WORKING_SPACING_MM``), the networks were trained on 1-2.5 mm slices, and a 512 x 512 x 1000
-#: scan of 0.29 mm slices otherwise ran the network 1000 times.
-MIN_NETWORK_SLICE_SPACING_MM = 1.25
-
-
-def thin_slice_step(slice_spacing_mm: float) -> int:
-    """Every how many slices a 2D infection network runs on a scan of this slice spacing (1 from 1.25 mm up:
-    0.625 mm -> 2, 0.29 mm -> 4)."""
-    return max(1, int(math.floor(MIN_NETWORK_SLICE_SPACING_MM / float(slice_spacing_mm) + 1e-6)))
-
-
 @functools.lru_cache(maxsize=None)   # asked before every batch; the processor does not change
 def cpu_has_native_bfloat16() -> bool:
     """Whether this processor computes bfloat16 natively (AVX512-BF16 or AMX tiles): then autocast in
@@ -198,6 +185,10 @@ class NetworkModel:
         slice_step: 2D infection models: run every ``slice_step``-th lung slice (and the last one) and
             interpolate the others' probabilities linearly in z (the fast mode uses 2: half the network
             time for a coarser z resolution; ``docs/default_models.md`` section 8 measures the cost).
+        output: infection models: ``"probabilities"`` (default: ``predict`` gives float32 probabilities) or
+            ``"mask"`` (the pipeline's choice: ``predict`` gives the bool mask at the checkpoint's threshold,
+            the same voxels as thresholding the probabilities, thresholded batch by batch so that no float32
+            volume is ever held: 1 GB less on a 512 x 512 x 1000 scan).
     """
 
     def __new__(cls, checkpoint: str | os.PathLike | Checkpoint, *args: Any, **kwargs: Any):
@@ -212,7 +203,8 @@ class NetworkModel:
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, device: str | torch.device = "auto",
                  batch_size: int | None = None, progress: Optional[ProgressCallback] = None, *,
                  overlap: float = 0.5, margin_mm: float = 10.0, expected_sha256: str | None = None,
-                 amp: str | None = "float16", cpu_amp: str | None = "auto", slice_step: int = 1):
+                 amp: str | None = "float16", cpu_amp: str | None = "auto", slice_step: int = 1,
+                 output: str = "probabilities"):
         ckpt = self.__dict__.pop("_preloaded", None) or _as_checkpoint(checkpoint, expected_sha256)
         expected_task = {NetworkInfectionModel: "infection", NetworkLungModel: "lungs"}.get(type(self))
         if expected_task is not None and ckpt.task != expected_task:
@@ -231,14 +223,15 @@ class NetworkModel:
         if int(slice_step) < 1:
             raise ValueError(f"slice_step must be >= 1, got {slice_step}")
         self.slice_step = int(slice_step)
+        if output not in ("probabilities", "mask"):
+            raise ValueError(f"output must be 'probabilities' or 'mask', got {output!r}")
+        self.output = output
         self._device = resolve_device(device)
         self._progress = progress
         self.overlap = float(overlap)
         self.margin_mm = float(margin_mm)
         self._batch_size = batch_size
         self.notes: list[str] = []
-        #: Notes about the last case only (NetworkInfectionModel: thin slices the network skipped).
-        self.case_notes: list[str] = []
         self._fell_back = False
         #: Called with the warning when the model moves to the CPU after a CUDA out-of-memory error (the
         #: Slicer worker logs it at that moment).
@@ -426,11 +419,10 @@ class NetworkModel:
 
 
 class NetworkInfectionModel(NetworkModel):
-    """An infection network: ``predict(volume, lungs, progress) -> float32 (z, y, x)`` in [0, 1].
+    """An infection network: ``predict(volume, lungs, progress) -> float32 (z, y, x)`` in [0, 1], or with
+    ``output="mask"`` the bool mask those probabilities give at the threshold (after the post-processing).
 
-    A 2D network on a scan with slices thinner than :data:`MIN_NETWORK_SLICE_SPACING_MM` runs on every k-th
-    lung slice (:func:`thin_slice_step`) and interpolates the others, as the fast mode does, and says so in
-    :attr:`case_notes` (the notes of the last case).
+    (On scans of thin slices the pipeline gives it slabs of about 1.25 mm: ``thin_slices.py``.)
     """
 
     def predict(self, volume: CTVolume, lungs: np.ndarray,
@@ -439,47 +431,52 @@ class NetworkInfectionModel(NetworkModel):
         if lungs.shape != volume.shape:
             raise ValueError(f"lung mask shape {lungs.shape} does not match the volume {volume.shape}")
         progress = progress if progress is not None else self._progress
-        self.case_notes = []
         hu_mask = needed = None
         if self.postprocess.confirm_hu_threshold:
             # The Hounsfield-band mask first: the network's output matters only on the slices near it
             # (InfectionPostprocess.slices_that_matter), so only those are run; the kept mask is the same.
             hu_mask = segment_infection_hu(volume.hu, lungs, volume.spacing_zyx)
             needed = self.postprocess.slices_that_matter(hu_mask, volume.spacing_zyx)
-        probs = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress, needed), volume)
-        thin = thin_slice_step(volume.spacing_zyx[0]) if self.dims == 2 else 1
-        if thin > 1:
-            self.case_notes.append(
-                f"thin slices ({volume.spacing_zyx[0]:.2f} mm): the 2D infection network ran on one lung slice in "
-                f"{thin} (at least {MIN_NETWORK_SLICE_SPACING_MM} mm apart) and the slices between were "
-                "interpolated; the lungs and the Hounsfield-band mask used every slice")
-        if not self.postprocess.is_identity:
-            # The checkpoint's post-processing (postprocess.py) decides which voxels are infection; dropped
-            # voxels get probability 0 and kept ones at least the threshold (confirm_hu_threshold keeps
-            # Hounsfield-band voxels the network scored lower), so the pipeline's threshold gives exactly the
-            # kept mask and the probabilities stay the network's wherever they agree with it.
-            kept = self.postprocess.apply((probs >= self.threshold) & (lungs > 0), volume.hu, volume.spacing_zyx,
-                                          lungs, hu_mask=hu_mask)
-            probs[~kept & (probs >= self.threshold)] = 0.0
-            # Raised to the threshold on the kept voxels only (a full-size np.where was 155 MB more on P001).
-            probs[kept] = np.maximum(probs[kept], np.float32(self.threshold))
-        return probs
+        as_mask = self.output == "mask"
+        out = self._with_cpu_fallback(lambda: self._predict(volume, lungs > 0, progress, needed, as_mask), volume)
+        if self.postprocess.is_identity:
+            return out
+        # The checkpoint's post-processing (postprocess.py) decides which voxels are infection.
+        network_mask = out if as_mask else out >= self.threshold
+        np.logical_and(network_mask, lungs, out=network_mask)
+        kept = self.postprocess.apply(network_mask, volume.hu, volume.spacing_zyx, lungs, hu_mask=hu_mask)
+        if as_mask:
+            return kept
+        # Dropped voxels get probability 0 and kept ones at least the threshold (confirm_hu_threshold keeps
+        # Hounsfield-band voxels the network scored lower), so the pipeline's threshold gives exactly the kept
+        # mask and the probabilities stay the network's wherever they agree with it.
+        out[~kept & (out >= self.threshold)] = 0.0
+        # Raised to the threshold on the kept voxels only (a full-size np.where was 155 MB more on P001).
+        out[kept] = np.maximum(out[kept], np.float32(self.threshold))
+        return out
 
     def _predict(self, volume: CTVolume, mask: np.ndarray, progress: Optional[ProgressCallback],
-                 needed: Optional[np.ndarray] = None) -> np.ndarray:
-        """Probabilities on the grid; ``needed`` (bool per axial slice, 2D networks) limits the slices whose
-        probabilities are computed (others stay 0), each computed exactly as without it."""
+                 needed: Optional[np.ndarray] = None, as_mask: bool = False) -> np.ndarray:
+        """Probabilities on the grid (with ``as_mask`` the bool ``probabilities >= threshold``, thresholded
+        slice by slice); ``needed`` (bool per axial slice, 2D networks) limits the slices computed (others
+        stay 0), each computed exactly as without it."""
         what = f"{self.info.model_id} ({self._device.type})"
         margin = margin_voxels(self.margin_mm, volume.spacing_zyx)
         box = bounding_box(mask, margin)
-        out = np.zeros(volume.shape, dtype=np.float32)
+        out = np.zeros(volume.shape, dtype=bool if as_mask else np.float32)
         if box is None:
             report(progress, 1.0, f"{what}: no lung voxels, nothing to run")
             return out
+        threshold = np.float32(self.threshold)
+
+        def store(z: int, probs: np.ndarray) -> None:   # one slice's probabilities on the box
+            np.clip(probs, 0.0, 1.0, out=probs)
+            out[z, box[1], box[2]] = probs >= threshold if as_mask else probs
+
         hu = volume.hu
         if self.dims == 2:
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
-            step = self.slice_step * thin_slice_step(volume.spacing_zyx[0])
+            step = self.slice_step
             run = zs if step == 1 else np.unique(np.append(zs[::step], zs[-1]))
             wanted = zs if needed is None else zs[np.asarray(needed, dtype=bool)[zs]]
             skipped = np.setdiff1d(wanted, run)   # fast mode: wanted slices between two that are run
@@ -491,19 +488,25 @@ class NetworkInfectionModel(NetworkModel):
             if run.size == 0:
                 report(progress, 1.0, f"{what}: no slice needs the network")
                 return out
+            # Batches come in increasing z: a skipped slice is interpolated as soon as the run slice above it
+            # arrives, from the one below (kept from the batch before when needed), then stored.
+            below: dict[str, Any] = {"z": None, "probs": None}
 
             def sink(zb: np.ndarray, probs: np.ndarray) -> None:
-                out[zb, box[1], box[2]] = probs[:, 0]
+                for z, p in zip(zb, probs[:, 0]):
+                    if below["z"] is not None:
+                        lo, hi = np.searchsorted(skipped, [below["z"], z])
+                        for s in skipped[lo:hi]:
+                            w = np.float32((s - below["z"]) / (z - below["z"]))
+                            store(int(s), (1 - w) * below["probs"] + w * p)
+                    below["z"], below["probs"] = int(z), p.copy()
+                    store(int(z), p)
 
             self._run_2d(hu, run, (box[1], box[2]), False, sink, progress, what)
-            for z in skipped:
-                k = int(np.searchsorted(run, z))
-                below, above = run[k - 1], run[k]
-                w = np.float32((z - below) / (above - below))
-                out[z] = (1 - w) * out[below] + w * out[above]
         else:
-            out[box] = self._run_3d(hu, box, volume.spacing_zyx, False, progress, what)[0]
-        np.clip(out, 0.0, 1.0, out=out)
+            probs = self._run_3d(hu, box, volume.spacing_zyx, False, progress, what)[0]
+            np.clip(probs, 0.0, 1.0, out=probs)
+            out[box] = probs >= threshold if as_mask else probs
         return out
 
 

@@ -20,7 +20,6 @@ import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -38,6 +37,7 @@ from . import (
     outputs,
     quality,
     quantify,
+    thin_slices,
 )
 from .errors import CovidLesionSegError, InputError, user_message
 from .progress import Cancelled
@@ -141,7 +141,7 @@ class Pipeline:
         if not opts.lungs_only:
             self.infection_model = catalogue.load_model(
                 opts.infection_model or catalogue.default_model_id("infection"), "infection", opts.device,
-                fast=opts.fast)
+                fast=opts.fast, masks=True)
         for task, chosen in (("lungs", opts.lung_model), ("infection", opts.infection_model)):
             note = None if chosen or (task == "infection" and opts.lungs_only) else catalogue.default_fallback_note(task)
             if note:
@@ -165,15 +165,22 @@ class Pipeline:
         models = {"lungs": _model_record(self.lung_model, self.options.fast)}
         if self.infection_model is not None:
             start = time.perf_counter()
-            probabilities = self.infection_model.predict(volume, lungs, progress=_stage(on_progress, "infection"))
+            # Thin slices: the infection model runs on slabs of about 1.25 mm (thin_slices.py), its mask comes
+            # back to every slice.
+            k = thin_slices.slab_factor(volume.spacing_zyx[0])
+            grid, grid_lungs = thin_slices.thick_slabs(volume, lungs, k) if k > 1 else (volume, lungs)
+            probabilities = self.infection_model.predict(grid, grid_lungs, progress=_stage(on_progress, "infection"))
             # A bool mask (the built-in model) is used as it is; no full-size temporaries either way.
             infection = (probabilities if probabilities.dtype == bool
                          else probabilities >= self.infection_model.info.threshold)
-            del probabilities
+            del probabilities, grid, grid_lungs
+            if k > 1:
+                infection = thin_slices.to_thin_slices(infection, k, lungs)
+                notes.append(thin_slices.note(volume.spacing_zyx[0], k))
             np.logical_and(infection, lungs, out=infection)
             timings["infection"] = time.perf_counter() - start
             models["infection"] = _model_record(self.infection_model, self.options.fast)
-            notes.extend(getattr(self.infection_model, "notes", []) + getattr(self.infection_model, "case_notes", []))
+            notes.extend(getattr(self.infection_model, "notes", []))
 
         start = time.perf_counter()
         _emit(on_progress, "quantify", 0.0, "measuring volumes")
@@ -225,14 +232,16 @@ class Pipeline:
 
         start = time.perf_counter()
         _emit(on_progress, "write", 0.0, f"writing {outdir}")
-        self.write(result, paths, outdir, started=start)
+        self.write(result, paths, outdir, started=start, free_volume=True)
         return result, paths
 
     def write(self, result: SegmentationResult, paths: dict[str, Path], outdir: Path,
-              started: Optional[float] = None) -> dict[str, Any]:
+              started: Optional[float] = None, free_volume: bool = False) -> dict[str, Any]:
         """Write the case's files and its results.csv row together (:class:`~.outputs.CaseWriter`).
 
         ``paths`` are :meth:`output_paths`. Returns the JSON report as written (with the write time).
+        ``free_volume``: the caller needs the CT's pixels no more (``segment_file``, which read them), so on
+        a scan too large to write in parallel they are freed once the report has been drawn.
         """
         started = time.perf_counter() if started is None else started
         files = {key: Path(p).name for key, p in paths.items()}
@@ -245,31 +254,14 @@ class Pipeline:
         lungs, infection = result._input_grid()
         geometry = result.volume.input_geometry
         with outputs.CaseWriter(outdir, result.volume.name, files, overwrite=self.options.overwrite) as case:
-            # The two images are compressed and read back at the same time (zlib and ITK's writer release
-            # the GIL): on two cores the slower one is the write time. Scans above PARALLEL_WRITE_VOXELS
-            # write one after the other, so that the two files' buffers are never held together. The PDF/HTML
-            # report (matplotlib: Python, holding the GIL) is drawn meanwhile, unless it must quote the DICOM
-            # outputs, which are written after the images.
-            masks = _segment_masks(lungs, infection)     # also what the DICOM SEG is written from
-            labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))   # the array is freed at once
-            geometry.apply_to(labels_image)
             report_now = "pdf_report" in files and "dicom_seg" not in files
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                pending = [pool.submit(self._write_report, case, result, {})] if report_now else []
-                write_labels = partial(outputs.write_labelmap, case.staging_path("labels"), labels_image)
-                del labels_image
-                if lungs.size <= PARALLEL_WRITE_VOXELS:
-                    pending.append(pool.submit(write_labels))
-                else:
-                    write_labels()
-                del write_labels
-                try:
-                    outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
-                finally:
-                    for task in pending:   # every task ends before the staging folder can be cleaned up
-                        task.exception()
-                for task in pending:
-                    task.result()
+            if lungs.size <= PARALLEL_WRITE_VOXELS:
+                masks = self._write_images_together(case, result, lungs, infection, geometry, report_now)
+            else:
+                # The pixels can go once no report is still to be drawn from them.
+                report_later = "pdf_report" in files and not report_now
+                masks = self._write_images_in_turn(case, result, lungs, infection, geometry, report_now,
+                                                   free_volume and not report_later)
             extra: dict[str, Any] = {}
             if "dicom_seg" in files:
                 from . import dicom_export
@@ -284,6 +276,47 @@ class Pipeline:
             report = {**result.report(), **extra}
             case.commit(report, outputs.results_row(report))
         return report
+
+    def _write_images_together(self, case: outputs.CaseWriter, result: SegmentationResult, lungs: np.ndarray,
+                               infection: Optional[np.ndarray], geometry, report_now: bool) -> dict[str, np.ndarray]:
+        """The labelmap, the ``.seg.nrrd`` and (``report_now``) the PDF/HTML report at the same time; returns
+        the segments' masks (the DICOM SEG is written from them).
+
+        zlib and ITK's writer release the GIL: on two cores the slower image is the write time; the report
+        (matplotlib: Python, holding the GIL) is drawn meanwhile."""
+        masks = _segment_masks(lungs, infection)
+        labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))   # the array is freed at once
+        geometry.apply_to(labels_image)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [pool.submit(self._write_report, case, result, {})] if report_now else []
+            pending.append(pool.submit(outputs.write_labelmap, case.staging_path("labels"), labels_image))
+            del labels_image
+            try:
+                outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
+            finally:
+                for task in pending:   # every task ends before the staging folder can be cleaned up
+                    task.exception()
+            for task in pending:
+                task.result()
+        return masks
+
+    def _write_images_in_turn(self, case: outputs.CaseWriter, result: SegmentationResult, lungs: np.ndarray,
+                              infection: Optional[np.ndarray], geometry, report_now: bool,
+                              free_volume: bool) -> dict[str, np.ndarray]:
+        """:meth:`_write_images_together` one after the other, for scans above PARALLEL_WRITE_VOXELS: no two
+        volume-sized buffers are held together. The report comes first, since it is the last thing that reads
+        the CT's pixels; with ``free_volume`` they are then freed (0.5 GB on a 512 x 512 x 1000 scan)."""
+        if report_now:
+            self._write_report(case, result, {})
+        if free_volume:
+            result.volume.release_pixels()
+        labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))
+        geometry.apply_to(labels_image)
+        outputs.write_labelmap(case.staging_path("labels"), labels_image)
+        del labels_image
+        masks = _segment_masks(lungs, infection)
+        outputs.write_segmentation_nrrd(case.staging_path("segmentation"), masks, geometry)
+        return masks
 
     @staticmethod
     def _write_report(case: outputs.CaseWriter, result: SegmentationResult, extra: dict[str, Any]) -> None:

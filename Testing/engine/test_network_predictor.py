@@ -469,29 +469,28 @@ def test_cpu_precision_is_bfloat16_only_where_the_processor_has_it(tmp_path):
         NetworkModel(path, device="cpu", cpu_amp="float16")
 
 
-def test_thin_slices_run_the_network_at_1_25_mm_and_say_so(tmp_path):
-    """A 2D infection network on 0.5 mm slices runs every second lung slice (at least 1.25 mm apart: 1.0 mm
-    here) and interpolates the others, with a note for the case; on 2.5 mm slices it runs every one, without."""
-    from COVIDLesionSegLib.network_predictor import MIN_NETWORK_SLICE_SPACING_MM, thin_slice_step
-
-    assert MIN_NETWORK_SLICE_SPACING_MM == 1.25
-    assert [thin_slice_step(s) for s in (5.0, 2.0, 1.25, 1.0, 0.625, 0.5, 0.29)] == [1, 1, 1, 1, 2, 2, 4]
-    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2)
-    hu, labels, _ = _phantom()
-    thick = NetworkModel(path, device="cpu", margin_mm=0.0, batch_size=1)
-    full = thick.predict(_volume(hu), labels)
-    assert thick.case_notes == []
+@pytest.mark.parametrize("slice_step, postprocess", [(1, None), (2, None), (1, {"confirm_hu_threshold": True,
+                                                                                   "grow_mm": 5.0}),
+                                                   (2, {"confirm_hu_threshold": True, "grow_mm": 5.0})])
+def test_mask_output_is_the_thresholded_probabilities(tmp_path, slice_step, postprocess):
+    """output="mask" (the pipeline's): the bool mask is exactly the probabilities at the threshold, in the
+    fast mode too (skipped slices interpolated across batch boundaries: batches of 3 slices) and after the
+    checkpoint's post-processing; no float32 volume is returned."""
+    zz, yy, xx = np.mgrid[:40, :48, :48]
+    hu = np.full((40, 48, 48), -850.0, dtype=np.float32)
+    hu[(zz - 12) ** 2 * 6 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 40] = -300.0   # an opacity the bands find
+    hu[(zz - 14) ** 2 * 6 + (yy - 21) ** 2 + (xx - 24) ** 2 <= 60] -= 150.0    # with a fainter rim
+    hu[30:33, 30:36, 30:36] = -450.0        # network-dense, far from every HU-band component
     image = sitk.GetImageFromArray(hu)
-    image.SetSpacing((0.8, 0.8, 0.5))
-    thin_volume = CTVolume.from_image(image, name="thin")
-    calls: list[str] = []
-    thin = NetworkModel(path, device="cpu", margin_mm=0.0, batch_size=1)
-    probs = thin.predict(thin_volume, labels, progress=lambda f, m: calls.append(m))
-    zs = np.flatnonzero((labels > 0).any(axis=(1, 2)))
-    run = np.unique(np.append(zs[::2], zs[-1]))
-    assert len(calls) == len(run) < len(zs)
-    np.testing.assert_array_equal(probs[run], full[run])     # per-slice network: the grid's z does not matter
-    for z in np.setdiff1d(zs, run):
-        np.testing.assert_allclose(probs[z], 0.5 * (full[z - 1] + full[z + 1]), atol=1e-6)
-    assert len(thin.case_notes) == 1 and "one lung slice in 2" in thin.case_notes[0]
-    assert "0.50 mm" in thin.case_notes[0] and "interpolated" in thin.case_notes[0]
+    image.SetSpacing((1.0, 1.0, 2.5))
+    vol = CTVolume.from_image(image)
+    labels = np.ones(hu.shape, dtype=np.uint8)
+    output = {"activation": "sigmoid", "threshold": 0.5, **({"postprocess": postprocess} if postprocess else {})}
+    path = _checkpoint(tmp_path, "test-pred-linear2d", _linear(2), 2, name=f"m{slice_step}", output=output)
+    probs = NetworkModel(path, device="cpu", slice_step=slice_step, batch_size=3).predict(vol, labels)
+    masked = NetworkModel(path, device="cpu", slice_step=slice_step, batch_size=3, output="mask")
+    mask = masked.predict(vol, labels)
+    assert mask.dtype == bool and 0 < mask.sum() < mask.size // 10
+    np.testing.assert_array_equal(mask, probs >= 0.5)
+    with pytest.raises(ValueError, match="output"):
+        NetworkModel(path, device="cpu", output="logits")

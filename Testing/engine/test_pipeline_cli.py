@@ -400,3 +400,33 @@ def test_a_missing_default_model_file_is_said_not_silently_replaced(tmp_path, mo
     # With the shipped manifest (file present) there is no such note, and a chosen model never gets one.
     monkeypatch.undo()
     assert catalogue.default_fallback_note("infection") is None and catalogue.default_fallback_note("lungs") is None
+
+
+def test_a_scan_too_large_to_write_in_parallel_gives_the_same_files_and_frees_its_pixels(tmp_path, monkeypatch):
+    """Above PARALLEL_WRITE_VOXELS (a 1000-slice scan) the report, the labelmap and the .seg.nrrd are written
+    one after the other and the CT's pixels are freed once the report is drawn: the files hold the same
+    images and numbers as the parallel write's."""
+    from COVIDLesionSegLib import pipeline as pipeline_module
+    from COVIDLesionSegLib.outputs import read_segmentation_nrrd
+
+    ct, _ = _phantom_file(tmp_path)
+    pipeline = Pipeline(SegmentOptions(infection_model="hu-threshold"))
+    together, _ = pipeline.segment_file(ct, tmp_path / "together")
+    assert together.volume.image is not None                  # small scan: written in parallel, pixels kept
+    monkeypatch.setattr(pipeline_module, "PARALLEL_WRITE_VOXELS", 0)
+    in_turn, _ = pipeline.segment_file(ct, tmp_path / "in_turn")
+    assert in_turn.volume.image is None                       # freed after the report
+    with pytest.raises(RuntimeError, match="released"):
+        _ = in_turn.volume.hu
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / "phantom_labels.nii.gz")))
+              for run in ("together", "in_turn")]
+    np.testing.assert_array_equal(*labels)
+    segs_a, geo_a = read_segmentation_nrrd(tmp_path / "together" / "phantom.seg.nrrd")
+    segs_b, geo_b = read_segmentation_nrrd(tmp_path / "in_turn" / "phantom.seg.nrrd")
+    assert geo_a == geo_b and list(segs_a) == list(segs_b)
+    for name in segs_a:
+        np.testing.assert_array_equal(segs_a[name], segs_b[name])
+    report_a = json.loads((tmp_path / "together" / "phantom.json").read_text())
+    report_b = json.loads((tmp_path / "in_turn" / "phantom.json").read_text())
+    assert report_a["quantification"] == report_b["quantification"]
+    assert (tmp_path / "in_turn" / "phantom_report.pdf").stat().st_size > 10_000
