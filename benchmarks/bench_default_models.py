@@ -16,8 +16,8 @@ the command imports (the built-in models never import torch):
 - ``ours_fast``, ``ours_lungs_only_fast``, ``ours_learned_fast``: the same with ``--fast``;
 - ``ours_large``: the defaults on a 512 x 512 x 1000 scan made from the input by linear interpolation along z
   (thin slices; written uncompressed to a temporary folder before the runs, not timed);
-- ``baseline_*`` (with ``--baseline CHECKOUT``): the ``ours_*`` configurations run by another checkout's
-  engine and shipped models, in the same rounds (the speed-up of a change, side by side);
+- ``baseline_*`` (with ``--baseline CHECKOUT``): the ``ours_*`` configurations (the large scan too) run by
+  another checkout's engine and shipped models, in the same rounds (the speed-up of a change, side by side);
 - ``lungmask_r231``: the ``lungmask`` package (PyPI 0.2.22, Hofmanninger et al.) running its own R231 pipeline
   through ``LMInferer(...).apply(image)`` on the image read with SimpleITK (its preprocessing, batched 2D
   U-Net inference and its volume post-processing). Its weights cannot be downloaded here, so the child saves
@@ -181,9 +181,10 @@ def run_config(name: str, extra: list[str], args, large: Path | None) -> dict:
     """One run of the configuration ``name`` (its CLI arguments ``extra``)."""
     if name == "lungmask_r231":
         return run_lungmask(args.input, args.threads)
+    ct = large if name in ("ours_large", "baseline_large") else args.input
     if name.startswith("baseline_"):
-        return run_ours(args.input, args.threads, extra, code=args.baseline)
-    return run_ours(large if name == "ours_large" else args.input, args.threads, extra)
+        return run_ours(ct, args.threads, extra, code=args.baseline)
+    return run_ours(ct, args.threads, extra)
 
 
 def _check_baseline(baseline: Path | None) -> None:
@@ -192,8 +193,8 @@ def _check_baseline(baseline: Path | None) -> None:
 
 
 def baseline_configs(configs: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``baseline_<name>`` for every ``ours_<name>`` but the large scan (the baseline checkout runs them)."""
-    return {"baseline_" + k[len("ours_"):]: v for k, v in configs.items() if k.startswith("ours_") and k != "ours_large"}
+    """``baseline_<name>`` for every ``ours_<name>``, the large scan too (the baseline checkout runs them)."""
+    return {"baseline_" + k[len("ours_"):]: v for k, v in configs.items() if k.startswith("ours_")}
 
 
 def baseline_ratios(results: dict) -> dict[str, float]:

@@ -321,6 +321,18 @@ def resize_volume(volume: Any, shape: Sequence[int], mode: str = "trilinear") ->
     return t.numpy().astype(np.float32, copy=False) if is_numpy else t
 
 
+def axis_counts(mask: np.ndarray, step: int = 32) -> tuple[np.ndarray, ...]:
+    """Nonzero voxels of a 3D array per index of each axis: ``(per z, per y, per x)``, counted ``step``
+    slices at a time (``np.count_nonzero(a, axis=...)`` converts a whole non-bool array to bool first)."""
+    counts = [np.zeros(n, dtype=np.int64) for n in mask.shape]
+    for start in range(0, mask.shape[0], step):
+        part = np.asarray(mask[start:start + step]) != 0
+        counts[0][start:start + len(part)] = np.count_nonzero(part, axis=(1, 2))
+        counts[1] += np.count_nonzero(part, axis=(0, 2))
+        counts[2] += np.count_nonzero(part, axis=(0, 1))
+    return tuple(counts)
+
+
 def bounding_box(mask: np.ndarray, margin: Sequence[int] | int = 0) -> tuple[slice, ...] | None:
     """Smallest box (tuple of slices) holding every nonzero voxel of ``mask``, grown by ``margin`` voxels
     per axis and clipped to the array; ``None`` when the mask is empty."""

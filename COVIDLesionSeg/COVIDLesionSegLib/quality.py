@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from . import LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG
+from .preprocessing import axis_counts
 
 MAX_SLICE_THICKNESS_MM = 5.0
 LUNG_VOLUME_RANGE_ML = (1500.0, 9000.0)
@@ -82,8 +83,7 @@ def _faces_reached(mask: np.ndarray, spacing_zyx: Sequence[float], min_area_mm2:
     """(axis, face name) of each face of the grid that ``mask`` reaches over at least ``min_area_mm2`` and
     ``share`` of its largest cross-section parallel to that face."""
     found = []
-    for axis, (low, high) in enumerate(_FACES):
-        counts = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
+    for axis, ((low, high), counts) in enumerate(zip(_FACES, axis_counts(mask))):
         pixel_mm2 = float(np.prod([s for a, s in enumerate(spacing_zyx) if a != axis]))
         limit = max(share * counts.max(initial=0), min_area_mm2 / pixel_mm2)
         found += [(axis, name) for name, count in ((low, counts[0]), (high, counts[-1]))
@@ -92,7 +92,7 @@ def _faces_reached(mask: np.ndarray, spacing_zyx: Sequence[float], min_area_mm2:
 
 
 def _coverage(lungs: np.ndarray, spacing_zyx) -> list[QualityWarning]:
-    faces = _faces_reached(lungs > 0, spacing_zyx, EDGE_AREA_MM2, EDGE_SHARE)
+    faces = _faces_reached(lungs, spacing_zyx, EDGE_AREA_MM2, EDGE_SHARE)   # nonzero = lung
     out = []
     along = [name for axis, name in faces if axis == 0]
     if along:
@@ -124,15 +124,18 @@ def _slice_thickness(volume, dicom) -> tuple[float, str]:
 def _contrast_share(hu: np.ndarray, lungs: np.ndarray) -> Optional[float]:
     """Share of the mediastinal soft-tissue voxels at the density of iodinated blood (module docstring), or
     None when the lungs do not frame a mediastinum (one lung missing, lungs touching)."""
-    right, left = lungs == LABEL_RIGHT_LUNG, lungs == LABEL_LEFT_LUNG
-    both_z = np.flatnonzero(right.any(axis=(1, 2)) & left.any(axis=(1, 2)))
+    # Slice by slice: whole-scan right/left masks were 0.5 GB on a 1000-slice scan.
+    both = np.array([(lungs[k] == LABEL_RIGHT_LUNG).any() and (lungs[k] == LABEL_LEFT_LUNG).any()
+                     for k in range(lungs.shape[0])], dtype=bool)
+    both_z = np.flatnonzero(both)
     if both_z.size < 3:
         return None
     z0, z1 = int(both_z[0]), int(both_z[-1])
     third = (z1 - z0 + 1) // 3
     dense = total = 0
     for k in range(z0 + third, z1 - third + 1):
-        r_cols, l_cols = np.flatnonzero(right[k].any(axis=0)), np.flatnonzero(left[k].any(axis=0))
+        r_cols = np.flatnonzero((lungs[k] == LABEL_RIGHT_LUNG).any(axis=0))
+        l_cols = np.flatnonzero((lungs[k] == LABEL_LEFT_LUNG).any(axis=0))
         rows = np.flatnonzero((lungs[k] > 0).any(axis=1))
         if r_cols.size == 0 or l_cols.size == 0 or rows.size == 0:
             continue
@@ -228,7 +231,9 @@ def assess(volume, lungs: np.ndarray, infection: Optional[np.ndarray], quantitie
             "Hounsfield-unit based measures (the high-opacity share, the built-in infection baseline) read more "
             "tissue as opacity than on the unenhanced scans they were defined on"))
 
-    metal_ml = float(np.count_nonzero(volume.hu >= METAL_HU)) * volume.voxel_volume_ml
+    hu = volume.hu
+    metal_voxels = sum(int(np.count_nonzero(hu[i:i + 32] >= METAL_HU)) for i in range(0, hu.shape[0], 32))
+    metal_ml = float(metal_voxels) * volume.voxel_volume_ml
     if metal_ml >= METAL_MIN_ML:
         warnings.append(QualityWarning(
             "metal",

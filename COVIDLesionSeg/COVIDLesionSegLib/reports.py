@@ -227,16 +227,16 @@ def compose(hu: np.ndarray, right: np.ndarray, left: np.ndarray, infection: Opti
     return np.round(rgb).astype(np.uint8)
 
 
-def _crop_box(lungs: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[slice, slice, slice]:
-    """(z, y, x) slices around the lungs with :data:`MARGIN_MM` on each side (the whole image without lungs)."""
-    inside = lungs > 0
+def _crop_box(inside: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[slice, slice, slice]:
+    """(z, y, x) slices around the lungs (``inside``: bool) with :data:`MARGIN_MM` on each side (the whole
+    image without lungs)."""
     if not inside.any():
         return (slice(None),) * 3   # type: ignore[return-value]
     box = []
     for axis in range(3):
         hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
         margin = int(math.ceil(MARGIN_MM / float(spacing_zyx[axis])))
-        box.append(slice(max(0, int(hit[0]) - margin), min(lungs.shape[axis], int(hit[-1]) + margin + 1)))
+        box.append(slice(max(0, int(hit[0]) - margin), min(inside.shape[axis], int(hit[-1]) + margin + 1)))
     return tuple(box)  # type: ignore[return-value]
 
 
@@ -245,10 +245,19 @@ def key_views(volume, lungs: np.ndarray, infection: Optional[np.ndarray]) -> lis
     top labels) — three axial slices (one per third of the lungs) and one coronal slice."""
     hu = volume.hu
     sz, sy, sx = (float(s) for s in volume.spacing_zyx)
-    right, left = lungs == LABEL_RIGHT_LUNG, lungs == LABEL_LEFT_LUNG
     inf = infection if infection is not None else np.zeros(lungs.shape, bool)
-    zbox, ybox, xbox = _crop_box(lungs, volume.spacing_zyx)
-    z_lung = np.flatnonzero((lungs > 0).any(axis=(1, 2)))
+    # One full-size temporary (the lungs as bool), freed at once: the planes' right/left masks are cut from the
+    # labels plane by plane (whole-scan masks were 0.5 GB more on a 1000-slice scan).
+    inside = lungs > 0
+    zbox, ybox, xbox = _crop_box(inside, volume.spacing_zyx)
+    z_lung = np.flatnonzero(inside.any(axis=(1, 2)))
+    y_lung = np.flatnonzero(inside.any(axis=(0, 2)))
+    del inside
+
+    def planes_of(index: tuple) -> list[np.ndarray]:
+        """HU, right lung, left lung and infection of one plane (``index`` into the (z, y, x) arrays)."""
+        labels = lungs[index]
+        return [hu[index], labels == LABEL_RIGHT_LUNG, labels == LABEL_LEFT_LUNG, inf[index]]
     views = []
     if z_lung.size:
         z0, z1 = int(z_lung[0]), int(z_lung[-1])
@@ -260,17 +269,16 @@ def key_views(volume, lungs: np.ndarray, infection: Optional[np.ndarray]) -> lis
             counts = per_slice[lo:hi + 1]
             k = lo + int(np.argmax(counts)) if counts.max(initial=0) > 0 else (lo + hi) // 2
             position = volume.image.TransformIndexToPhysicalPoint((0, 0, int(k)))[2]
-            planes = [a[k, ybox, xbox] for a in (hu, right, left, inf)]
+            planes = planes_of((k, ybox, xbox))
             planes = [_square(p, (sy, sx), 1 if i == 0 else 0) for i, p in enumerate(planes)]
             views.append({"title": f"Axial, {name} third of the lungs (z = {position:.1f} mm, "
                                    f"{int(per_slice[k]) * sy * sx / 100:.1f} cm\u00b2 infected)",
                           "rgb": compose(*planes), "markers": ("R", "L", "A")})
         per_row = np.count_nonzero(inf, axis=(0, 2))
-        y_lung = np.flatnonzero((lungs > 0).any(axis=(0, 2)))
         y = int(np.argmax(per_row)) if per_row.max(initial=0) > 0 else int(y_lung[len(y_lung) // 2])
         position = volume.image.TransformIndexToPhysicalPoint((0, y, 0))[1]
         # Coronal: rows are z; flip so that superior is at the top.
-        planes = [a[zbox, y, xbox][::-1] for a in (hu, right, left, inf)]
+        planes = [p[::-1] for p in planes_of((zbox, y, xbox))]
         planes = [_square(p, (sz, sx), 1 if i == 0 else 0) for i, p in enumerate(planes)]
         where = "the most infected coronal plane" if per_row.max(initial=0) else "the middle of the lungs"
         views.append({"title": f"Coronal, through {where} (y = {position:.1f} mm)",

@@ -261,3 +261,15 @@ def test_pad_to_square_centres_the_slice_in_air_and_cuts_it_back():
     assert (padded[:, :2] == -1024).all() and (padded[:, 5:] == -1024).all()   # 2 rows above, 2 below
     same, whole = pad_to_square(np.zeros((1, 4, 4)))
     assert same.shape == (1, 4, 4) and whole == (slice(None), slice(None))
+
+
+def test_axis_counts_equal_numpy_s_counts_in_any_chunking():
+    """axis_counts (chunked along z, no full-size bool temporary) gives np.count_nonzero's per-axis counts."""
+    from COVIDLesionSegLib.preprocessing import axis_counts
+
+    labels = np.random.default_rng(1).integers(0, 3, size=(37, 11, 9)).astype(np.uint8)
+    for step in (1, 5, 32, 100):
+        counts = axis_counts(labels, step=step)
+        for axis in range(3):
+            others = tuple(a for a in range(3) if a != axis)
+            np.testing.assert_array_equal(counts[axis], np.count_nonzero(labels, axis=others))
