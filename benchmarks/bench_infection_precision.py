@@ -5,7 +5,8 @@ with the default lung model; then the default infection model (or ``--model``) r
 
 - in float32 over every lung slice (the reference: what the engine did before issue 14's second round),
 - in float32 over the slices its post-processing needs (``InfectionPostprocess.slices_that_matter``), and
-- with ``cpu_amp="bfloat16"`` over those slices (what a CPU with native bfloat16 now runs),
+- with ``cpu_amp="bfloat16"`` over those slices (what a CPU with native bfloat16 runs in PyTorch), and
+- in ONNX Runtime (float32) over those slices, where it is installed (what the pipeline then runs),
 
 and the JSON gives, per scan and run, the seconds of the infection step (Hounsfield-band mask, network and
 post-processing), the network's slices, the kept voxels, the voxels and axial slices whose label differs from
@@ -30,7 +31,7 @@ DEFAULT_INPUTS = [REPO.parent / "shared" / "data" / "ct" / name
                   for name in ("covidctmd_p001_ct.nii.gz", "covidctmd_normal001_ct.nii.gz")]
 
 
-def run(model, volume, lungs, cpu_amp, restrict):
+def run(model, volume, lungs, cpu_amp, restrict):   # cpu_amp: PyTorch only (ONNX Runtime is float32)
     """One infection step: (seconds, network slices, probabilities, kept mask)."""
     from COVIDLesionSegLib.infection_hu import segment_infection_hu
 
@@ -69,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     model_id = args.model or catalogue.default_model_id("infection")
     lung_model = catalogue.load_model(catalogue.default_model_id("lungs"), "lungs", "cpu")
-    model = catalogue.load_model(model_id, "infection", "cpu")
+    model = catalogue.load_model(model_id, "infection", "cpu", runtime="torch")
     if not hasattr(model, "postprocess"):
         raise SystemExit(f"{model_id} is not a network model")
+    from COVIDLesionSegLib import onnx_runtime
+
+    onnx_model = (catalogue.load_model(model_id, "infection", "cpu", runtime="onnxruntime")
+                  if onnx_runtime.installed() else None)
     load_before = os.getloadavg()
     scans = {}
     for path in args.inputs:
@@ -79,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         lungs = lung_model.segment(volume)
         in_lungs = lungs > 0
 
-        variants = {"float32_all_slices": (None, False), "float32_needed_slices": (None, True),
-                    "bfloat16_needed_slices": ("bfloat16", True)}
+        variants = {"float32_all_slices": (model, None, False), "float32_needed_slices": (model, None, True),
+                    "bfloat16_needed_slices": (model, "bfloat16", True)}
+        if onnx_model is not None and onnx_model.runtime == "onnxruntime":
+            variants["onnxruntime_needed_slices"] = (onnx_model, None, True)
         times: dict[str, list[float]] = {k: [] for k in variants}
         outputs = {}
         for _ in range(args.repeat):
-            for name, (cpu_amp, restrict) in variants.items():
-                seconds, slices, probs, kept = run(model, volume, lungs, cpu_amp, restrict)
+            for name, (runner, cpu_amp, restrict) in variants.items():
+                seconds, slices, probs, kept = run(runner, volume, lungs, cpu_amp, restrict)
                 times[name].append(seconds)
                 outputs[name] = (slices, probs, kept)
         _, ref_probs, ref_kept = outputs["float32_all_slices"]

@@ -147,13 +147,16 @@ def get_entry(model_id: str) -> ModelEntry:
     raise ModelError(f"unknown model {model_id!r}; known models: {known} (see `covidlesionseg models list`)")
 
 
-def load_model(model_id: str, task: str, device: str = "auto", fast: bool = False, masks: bool = False):
+def load_model(model_id: str, task: str, device: str = "auto", fast: bool = False, masks: bool = False,
+               runtime: str | None = None):
     """Instantiate the model ``model_id`` for ``task`` ("lungs" or "infection") on ``device``.
 
     ``fast``: the fast mode (coarser grids for the built-in models; every second lung slice, the others
     interpolated, for a 2D infection network; nothing for other networks). ``masks``: an infection network
     gives its bool mask rather than probabilities (``NetworkModel(output="mask")``: what the pipeline needs,
-    in a quarter of the memory); the built-in model always does.
+    in a quarter of the memory); the built-in model always does. ``runtime``: a network's on the CPU
+    (``NetworkModel(runtime=...)``); by default ``onnx_runtime.DEFAULT_RUNTIME``, ONNX Runtime where it is
+    installed (``COVIDLESIONSEG_RUNTIME=torch`` turns it off).
     """
     entry = get_entry(model_id)
     if entry.task != task:
@@ -164,13 +167,15 @@ def load_model(model_id: str, task: str, device: str = "auto", fast: bool = Fals
         hint = (f"download it with `covidlesionseg models download {model_id}` or import a copy with "
                 "`covidlesionseg models import FILE`") if entry.url else "reinstall the extension"
         raise ModelError(f"the file of model {model_id!r} is missing ({entry.path}); {hint}")
+    from . import onnx_runtime
     from .errors import CheckpointError
     from .network_predictor import NetworkModel
 
     try:
         return NetworkModel(entry.path, device=device, expected_sha256=entry.sha256,
                             slice_step=2 if fast and task == "infection" else 1,
-                            output="mask" if masks and task == "infection" else "probabilities")
+                            output="mask" if masks and task == "infection" else "probabilities",
+                            runtime=runtime or onnx_runtime.DEFAULT_RUNTIME)
     except CheckpointError as exc:
         # The file is damaged, replaced or foreign: how to get a good copy depends on where it came from,
         # which only the catalogue knows.

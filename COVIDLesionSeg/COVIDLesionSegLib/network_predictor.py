@@ -58,6 +58,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import onnx_runtime
 from .errors import DeviceError, is_cuda_out_of_memory
 from .infection_hu import segment_infection_hu
 from .lungs import split_right_left
@@ -189,6 +190,10 @@ class NetworkModel:
             ``"mask"`` (the pipeline's choice: ``predict`` gives the bool mask at the checkpoint's threshold,
             the same voxels as thresholding the probabilities, thresholded batch by batch so that no float32
             volume is ever held: 1 GB less on a 512 x 512 x 1000 scan).
+        runtime: on the CPU, ``"torch"`` (default) or ``"onnxruntime"`` (``onnx_runtime.py``: optional, float32,
+            about 2.4x PyTorch bfloat16 for the default network); ``"auto"`` (what the catalogue loads the
+            pipeline's models with, ``onnx_runtime.DEFAULT_RUNTIME``) is ONNX Runtime where it is installed.
+            Where ONNX Runtime cannot run the network, it stays in PyTorch and :attr:`notes` says why.
     """
 
     def __new__(cls, checkpoint: str | os.PathLike | Checkpoint, *args: Any, **kwargs: Any):
@@ -204,7 +209,7 @@ class NetworkModel:
                  batch_size: int | None = None, progress: Optional[ProgressCallback] = None, *,
                  overlap: float = 0.5, margin_mm: float = 10.0, expected_sha256: str | None = None,
                  amp: str | None = "float16", cpu_amp: str | None = "auto", slice_step: int = 1,
-                 output: str = "probabilities"):
+                 output: str = "probabilities", runtime: str = "torch"):
         ckpt = self.__dict__.pop("_preloaded", None) or _as_checkpoint(checkpoint, expected_sha256)
         expected_task = {NetworkInfectionModel: "infection", NetworkLungModel: "lungs"}.get(type(self))
         if expected_task is not None and ckpt.task != expected_task:
@@ -226,6 +231,8 @@ class NetworkModel:
         if output not in ("probabilities", "mask"):
             raise ValueError(f"output must be 'probabilities' or 'mask', got {output!r}")
         self.output = output
+        if runtime not in onnx_runtime.RUNTIMES:
+            raise ValueError(f"runtime must be one of {onnx_runtime.RUNTIMES}, got {runtime!r}")
         self._device = resolve_device(device)
         self._progress = progress
         self.overlap = float(overlap)
@@ -251,12 +258,13 @@ class NetworkModel:
         self.threshold = ckpt.threshold
         self.postprocess = InfectionPostprocess.from_spec(ckpt.output.get("postprocess"))
         self.labels = dict(ckpt.labels)
+        self._onnx = self._onnx_network(ckpt, runtime)
         # The network holds its own copy of the weights; keep the metadata only.
         self.checkpoint = dataclasses.replace(ckpt, state_dict={})
         self.info = ModelInfo(
             model_id=ckpt.model_id, version=ckpt.version, task=ckpt.task, description=ckpt.description,
             threshold=self.threshold, device=str(self._device),
-            extra={"arch": ckpt.arch, "dims": self.dims, "precision": self.precision,
+            extra={"arch": ckpt.arch, "dims": self.dims, "precision": self.precision, "runtime": self.runtime,
                    "checkpoint": str(ckpt.path) if ckpt.path else None,
                    "state_dict_sha256": ckpt.state_dict_sha256, "notes": list(self.notes)})
         report(progress, 1.0, f"model {ckpt.model_id} ready on {self._device}")
@@ -291,8 +299,30 @@ class NetworkModel:
     @property
     def precision(self) -> str:
         """The arithmetic the network runs in on its device: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
-        amp = self._amp_dtype()
+        amp = None if self._on_onnx else self._amp_dtype()
         return "float32" if amp is None else str(amp).replace("torch.", "")
+
+    @property
+    def runtime(self) -> str:
+        """What runs the network: ``"onnxruntime"`` or ``"torch"``."""
+        return "onnxruntime" if self._on_onnx else "torch"
+
+    @property
+    def _on_onnx(self) -> bool:
+        return getattr(self, "_onnx", None) is not None and self._device.type == "cpu"
+
+    def _onnx_network(self, ckpt: Checkpoint, runtime: str):
+        """The network in ONNX Runtime (``onnx_runtime.load``) when ``runtime`` asks for it on the CPU, else
+        None; a failure of an explicit ``"onnxruntime"`` (or of ``"auto"`` with it installed) is a note."""
+        if self._device.type != "cpu" or runtime == "torch" or (runtime == "auto" and not onnx_runtime.installed()):
+            return None
+        shape = ((self.in_channels, *self.slice_size) if self.dims == 2 else (self.in_channels, *self.patch_size))
+        try:
+            return onnx_runtime.load(self._net, ckpt.state_dict_sha256, shape)
+        except Exception as exc:  # noqa: BLE001 - any export or loading failure leaves the network in PyTorch
+            self.notes.append(f"ONNX Runtime could not run {ckpt.model_id!r} ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); it runs in PyTorch")
+            return None
 
     def _net_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._net(x)
@@ -301,6 +331,8 @@ class NetworkModel:
         return y.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._on_onnx:
+            return self._onnx(x)
         amp = self._amp_dtype()
         if amp is None:
             return self._net_forward(x)

@@ -462,6 +462,9 @@ def _model_record(model, fast: bool = False) -> dict[str, Any]:
     precision = getattr(model, "precision", None)   # network models: float32, or bfloat16 / float16 autocast
     if precision is not None:
         record["precision"] = precision
+    runtime = getattr(model, "runtime", None)       # network models: "torch" or "onnxruntime"
+    if runtime is not None:
+        record["runtime"] = runtime
     if fast:
         record["fast"] = True
     try:  # the licence travels with the result (the report prints it; weights may be non-commercial)
