@@ -109,6 +109,7 @@ READERS: dict[str, Callable[..., list]] = {
     "medseg100": ds.read_medseg100,
     "covidctmd": ds.read_covidctmd,
     "shared_ct": ds.read_shared_ct,
+    "synthetic": ds.read_synthetic,
 }
 
 #: Pipeline factories by config name (``data.transforms``), see ``training/transforms.py``.
