@@ -1175,7 +1175,7 @@ class Trainer:
         target = self.spec(data)["target"]
         self.model.eval()
         net = NetworkInfectionModel(self.engine_checkpoint(), device=self.device, batch_size=int(ev["batch_size"]),
-                                    overlap=float(ev["overlap"]))
+                                    overlap=float(ev["overlap"]), output="mask")   # the pipeline's choice
         results = []
         for case in cases:
             keys = [target] + (["lung"] if "lung" in case.labels and target != "lung" else [])
