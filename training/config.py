@@ -43,7 +43,10 @@ the procedure class (:attr:`training.procedures.Procedure.options`)::
                 val_metrics: [dsc], tau_mm: 3.0, threshold: 0.5, unit: case | group, test: true,
                 batch_size: 4, overlap: 0.5, max_val_cases: null, grid: network | native (2D: score at the
                 network's input size, or on each slice's native grid - see Trainer.evaluate),
-                empty_rule: null | both_empty | no_positive_prediction (004's "all metrics 1" rule)}
+                empty_rule: null | both_empty | no_positive_prediction (004's "all metrics 1" rule),
+                predictor: auto | engine | network (3D: score through the engine's infection model, or the
+                training network's own sliding window; auto = engine for 3D infection runs on HU volumes,
+                see Trainer.evaluate)}
     export:    {model_id: null, version: "1", description: "", input: {}, labels: null, output: {},
                 provenance: {}}
 
@@ -119,7 +122,8 @@ DEFAULTS: dict[str, Any] = {
               "checkpoint_every": 1, "progress": True},
     "eval": {"metrics": ["dsc", "nsd", "sensitivity", "specificity", "precision", "f1", "accuracy", "voe", "rvd"],
              "val_metrics": ["dsc"], "tau_mm": 3.0, "threshold": 0.5, "unit": "case", "test": True,
-             "batch_size": 4, "overlap": 0.5, "max_val_cases": None, "grid": "network", "empty_rule": None},
+             "batch_size": 4, "overlap": 0.5, "max_val_cases": None, "grid": "network", "empty_rule": None,
+             "predictor": "auto"},
     "export": {"model_id": None, "version": "1", "description": "", "input": FREE, "labels": None,
                "output": FREE, "provenance": FREE},
 }
@@ -134,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.select_mode": ("auto", "max", "min"),
     "eval.unit": ("case", "group"),
     "eval.grid": ("network", "native"),
+    "eval.predictor": ("auto", "engine", "network"),
     "eval.empty_rule": ("both_empty", "no_positive_prediction"),
     "data.cache": ("memory", "disk", "none"),
 }

@@ -74,40 +74,22 @@ def _input_spec(config: Mapping[str, Any], preprocessing: Mapping[str, Any], sta
     return spec
 
 
-def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
-               which: str = "best", model_id: str | None = None,
-               postprocess: dict | None = None, threshold: float | None = None,
-               description: str | None = None) -> tuple[Path, str]:
-    """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
-
-    ``postprocess``: the infection post-processing chosen after training (``python -m training.selection``)
-    to store as ``output.postprocess``; it overrides the run config's ``export.output.postprocess``.
-    ``threshold``: the probability threshold chosen there (``output.threshold``; default ``eval.threshold``).
-    ``model_id`` / ``description``: override the config's ``export.model_id`` / ``export.description`` (one
-    run exported with two post-processings ships as two models).
-
-    Raises:
-        RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
-        COVIDLesionSegLib.models.checkpoint.CheckpointError: the weights do not fit the architecture.
-    """
-    from COVIDLesionSegLib.models.checkpoint import save_checkpoint
+def checkpoint_fields(config: Mapping[str, Any], model_state: Mapping[str, Any], preprocessing: Mapping[str, Any],
+                      *, summary: Mapping[str, Any] | None = None, epoch: int | None = None,
+                      best: Mapping[str, Any] | None = None, which: str = "best", run_path: str | os.PathLike = "",
+                      model_id: str | None = None, postprocess: dict | None = None, threshold: float | None = None,
+                      description: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state_dict, keyword arguments of save_checkpoint)`` of the engine checkpoint of a training model:
+    the procedure's exported network (``Procedure.export_model``), the input spec (module docstring), the
+    output spec and the provenance. The one derivation behind :func:`export_run` and :func:`make_checkpoint`."""
     from COVIDLesionSegLib.models.citations import with_keys
     from training.procedures import get_procedure
 
-    rd = RunDir(run)
-    if not rd.config.exists():
-        raise RunError(f"{rd.path} is not a run folder (no config.json)")
-    config = rd.read_config()
-    ckpt_path = rd.best if which == "best" else rd.last
-    if not ckpt_path.exists():
-        raise RunError(f"{rd.path} has no {ckpt_path.name}; train the run first")
-    state = load_training_state(ckpt_path)
-    preprocessing = state.get("preprocessing") or {}
     proc_cls = get_procedure(config["procedure"]["name"])
-    state_dict, model_config = proc_cls.export_model(config, state["model"])
+    state_dict, model_config = proc_cls.export_model(config, model_state)
     out_channels = int(model_config["args"].get("out_channels", 1))
     input_spec = _input_spec(config, preprocessing, state_dict)
-    summary = rd.read_summary() if rd.summary.exists() else {}
+    summary = summary or {}
     test_mean = {k: v for k, v in (summary.get("test_mean") or {}).items() if v is not None}
     ex = config["export"]
     task = config["task"]
@@ -133,21 +115,74 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, 
         "procedure": config["procedure"]["name"],
         "config": config["name"],
         "paper": with_keys(config["paper"]),
-        "epochs": int(state["epoch"]),
+        "epochs": int(epoch if epoch is not None else 0),
         "max_epochs": int(config["train"]["epochs"]),
         "checkpoint": which,
-        "best": state.get("best") or {},
+        "best": dict(best or {}),
         "metrics": {"held_out": test_mean, "unit": config["eval"]["unit"]},
-        "run": str(rd.path),
+        "run": str(run_path),
         **dict(ex["provenance"]),
     }
+    fields = {"model_config": model_config, "input_spec": input_spec, "labels": labels, "output": output_spec,
+              "task": task, "model_id": model_id or ex["model_id"] or f"{config['name']}-fold{fold}",
+              "version": str(ex["version"]), "description": description or ex["description"] or config["description"],
+              "provenance": provenance}
+    return state_dict, fields
+
+
+def make_checkpoint(config: Mapping[str, Any], model_state: Mapping[str, Any], preprocessing: Mapping[str, Any],
+                    **kwargs: Any):
+    """The engine checkpoint of a training model, in memory (a ``models.checkpoint.Checkpoint``): written with
+    :func:`checkpoint_fields` and ``save_checkpoint`` to a temporary file and read back with
+    ``load_checkpoint``, so it is exactly what :func:`export_run` would ship (one format, one reader).
+    ``kwargs``: those of :func:`checkpoint_fields`."""
+    import dataclasses
+    import tempfile
+
+    from COVIDLesionSegLib.models.checkpoint import load_checkpoint, save_checkpoint
+
+    state_dict, fields = checkpoint_fields(config, model_state, preprocessing, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="covidlesionseg_ckpt_") as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(path, state_dict, **fields)
+        ckpt = load_checkpoint(path)
+    return dataclasses.replace(ckpt, path=None, file_sha256=None)
+
+
+def export_run(run: str | os.PathLike, output: str | os.PathLike | None = None, half: bool = False,
+               which: str = "best", model_id: str | None = None,
+               postprocess: dict | None = None, threshold: float | None = None,
+               description: str | None = None) -> tuple[Path, str]:
+    """Write an engine checkpoint of ``run``'s ``best.pt`` (or ``last.pt``); returns ``(path, sha256)``.
+
+    ``postprocess``: the infection post-processing chosen after training (``python -m training.selection``)
+    to store as ``output.postprocess``; it overrides the run config's ``export.output.postprocess``.
+    ``threshold``: the probability threshold chosen there (``output.threshold``; default ``eval.threshold``).
+    ``model_id`` / ``description``: override the config's ``export.model_id`` / ``export.description`` (one
+    run exported with two post-processings ships as two models).
+
+    Raises:
+        RunError: the run folder lacks its config or checkpoint, or the input spec cannot be derived.
+        COVIDLesionSegLib.models.checkpoint.CheckpointError: the weights do not fit the architecture.
+    """
+    from COVIDLesionSegLib.models.checkpoint import save_checkpoint
+
+    rd = RunDir(run)
+    if not rd.config.exists():
+        raise RunError(f"{rd.path} is not a run folder (no config.json)")
+    config = rd.read_config()
+    ckpt_path = rd.best if which == "best" else rd.last
+    if not ckpt_path.exists():
+        raise RunError(f"{rd.path} has no {ckpt_path.name}; train the run first")
+    state = load_training_state(ckpt_path)
+    summary = rd.read_summary() if rd.summary.exists() else {}
+    state_dict, fields = checkpoint_fields(config, state["model"], state.get("preprocessing") or {}, summary=summary,
+                                           epoch=int(state["epoch"]), best=state.get("best") or {}, which=which,
+                                           run_path=rd.path, model_id=model_id, postprocess=postprocess,
+                                           threshold=threshold, description=description)
     out = Path(output) if output else rd.path / "model.pt"
-    sha = save_checkpoint(out, state_dict, model_config=model_config, input_spec=input_spec, labels=labels,
-                          output=output_spec, task=task,
-                          model_id=model_id or ex["model_id"] or f"{config['name']}-fold{fold}",
-                          version=str(ex["version"]), description=description or ex["description"] or config["description"],
-                          provenance=provenance, half=half)
+    sha = save_checkpoint(out, state_dict, half=half, **fields)
     return out, sha
 
 
-__all__ = ["export_run"]
+__all__ = ["checkpoint_fields", "export_run", "make_checkpoint"]

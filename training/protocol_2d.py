@@ -30,7 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 #: Pre-training configs: name -> config (run once, folder OUT/<config name>).
 PRETRAINING: dict[str, str] = {
@@ -95,9 +95,12 @@ SUMMARY_METRICS = (("dsc", "DSC"), ("nsd", "NSD"), ("sensitivity", "Sensitivity"
                    ("specificity", "Specificity"))
 
 
-def summary_markdown(out: str | Path, methods: Sequence[str] | None = None) -> str:
+def summary_markdown(out: str | Path, methods: Sequence[str] | None = None,
+                     configs: Mapping[str, tuple[str, str | None]] | None = None,
+                     paper: Mapping[str, Mapping[str, float | str]] | None = None) -> str:
     """The comparison as one Markdown table: per method the mean +- std over folds (population std, as
-    ``training.tables``) of the per-volume-group test metrics and of the epoch time, with the papers' DSC/NSD."""
+    ``training.tables``) of the per-volume-group test metrics and of the epoch time, with the papers' DSC/NSD.
+    ``configs`` / ``paper``: the comparison's methods and papers' numbers (default: this module's)."""
     import math
 
     import numpy as np
@@ -106,10 +109,12 @@ def summary_markdown(out: str | Path, methods: Sequence[str] | None = None) -> s
     from training.tables import run_result
 
     out = Path(out)
+    configs = METHODS if configs is None else configs
+    paper = PAPER_NUMBERS if paper is None else paper
     head = ["Method", "Folds"] + [h for _, h in SUMMARY_METRICS] + ["Epoch time (s)", "Paper DSC", "Paper NSD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for method in methods or list(METHODS):
-        base = out / METHODS[method][0]
+    for method in methods or list(configs):
+        base = out / configs[method][0]
         runs = [run_result(RunDir(p.parent)) for p in sorted(base.glob("fold*/summary.json"))]
         runs = [r for r in runs if r.status in ("completed", "early_stopped")]
         if not runs:
@@ -122,29 +127,35 @@ def summary_markdown(out: str | Path, methods: Sequence[str] | None = None) -> s
 
         cells = [cell([r.metrics.get(k) for r in runs]) for k, _ in SUMMARY_METRICS]
         cells.append(cell([r.epoch_time_s for r in runs], 1))
-        paper = PAPER_NUMBERS.get(method, {})
-        pd = paper.get("dsc", float("nan"))
-        pn = paper.get("nsd", float("nan"))
+        ref = paper.get(method, {})
+        pd = ref.get("dsc", float("nan"))
+        pn = ref.get("nsd", float("nan"))
         cells += [f"{pd:.3f}" if isinstance(pd, float) and math.isfinite(pd) else "-",
                   f"{pn:.3f}" if isinstance(pn, float) and math.isfinite(pn) else "-"]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def reviewer_markdown(out: str | Path, metrics: Sequence[str] = ("dsc", "nsd")) -> str:
+def reviewer_markdown(out: str | Path, metrics: Sequence[str] = ("dsc", "nsd"),
+                      configs: Mapping[str, tuple[str, str | None]] | None = None,
+                      paper: Mapping[str, Mapping[str, float | str]] | None = None,
+                      unit: str = "test volume group") -> str:
     """Per-case spread, 95 % bootstrap intervals and paired comparisons against scratch for every finished
-    method in ``out``, with the papers' numbers (``training.tables.reviewer_table``), one table per metric."""
+    method in ``out``, with the papers' numbers (``training.tables.reviewer_table``), one table per metric.
+    ``configs`` / ``paper``: the comparison's methods and papers' numbers (default: this module's)."""
     from training.runs import RunDir
     from training.tables import reviewer_table
 
     out = Path(out)
+    configs = METHODS if configs is None else configs
+    paper = PAPER_NUMBERS if paper is None else paper
     methods = {m: [RunDir(p.parent) for p in sorted((out / cfg).glob("fold*/summary.json")) if RunDir(p.parent).finished]
-               for m, (cfg, _) in METHODS.items()}
+               for m, (cfg, _) in configs.items()}
     methods = {m: runs for m, runs in methods.items() if runs}
     parts = []
     for metric in metrics:
-        paper = {m: v.get(metric) for m, v in PAPER_NUMBERS.items()}
-        parts.append(f"### {metric.upper()} per test volume group\n\n" + reviewer_table(methods, metric, "scratch", paper))
+        ref = {m: v.get(metric) for m, v in paper.items()}
+        parts.append(f"### {metric.upper()} per {unit}\n\n" + reviewer_table(methods, metric, "scratch", ref))
     return "\n".join(parts)
 
 
@@ -188,77 +199,107 @@ def bench_config(case: str, quick: bool, workdir: str | Path) -> dict:
     return load_config(BENCH_CASES[case], over)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/protocol2d")
-    ap.add_argument("--folds", default="0,1", help="comma-separated folds (default 0,1: both folds)")
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
+def comparison_main(argv: Sequence[str] | None, *, description: str, default_out: str, default_folds: str,
+                    methods: Mapping[str, tuple[str, str | None]], pretraining: Mapping[str, str],
+                    paper: Mapping[str, Mapping[str, float | str]], per_fold_pretraining: bool = False,
+                    prepare: Callable[[argparse.Namespace], tuple[list[str], dict]] | None = None,
+                    fold_overrides: Callable[[str, int, Sequence[str], dict], list[str]] | None = None,
+                    default_data: str | None = None, unit: str = "test volume group") -> int:
+    """The command line of a CPU comparison (this module's and ``training.protocol_3d``'s): the pre-training
+    runs (once, or with ``per_fold_pretraining`` once per fold, folder ``OUT/<config>/fold<k>``), every
+    method on every fold, then ``table.md`` / ``table.csv``, ``summary.md``, ``reviewer.md`` and
+    ``timing.json`` over every finished method run in OUT (module docstring).
+
+    ``prepare(args)`` (with ``--data``): makes the data, returns overrides for every run and a dict handed to
+    ``fold_overrides(config name, fold, overrides, that dict)``, which gives a run's fold-specific overrides
+    (e.g. the fold's training hosts for the non-COVID data)."""
+    from training.runs import RunDir
+    from training.tables import build_table, write_tables
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=default_out)
+    ap.add_argument("--folds", default=default_folds, help=f"comma-separated folds (default {default_folds})")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(methods)}")
+    if prepare is not None:
+        ap.add_argument("--data", default=default_data, help="folder of the generated data (made when absent)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every run (e.g. train.epochs=2 for a smoke test)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    from training.runs import RunDir
-    from training.tables import build_table, write_tables
-
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    methods = list(METHODS) if not args.methods else args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    chosen = list(methods) if not args.methods else args.methods.split(",")
+    unknown = [m for m in chosen if m not in methods]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        ap.error(f"unknown method(s) {unknown}; known: {', '.join(methods)}")
     folds = [int(f) for f in args.folds.split(",")]
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"runs": {}}
     t_start = time.perf_counter()
+    base_over: list[str] = []
+    context: dict = {}
+    if prepare is not None:
+        base_over, context = prepare(args)
+    base_over = list(base_over) + list(args.overrides)
 
-    needed = {METHODS[m][1] for m in methods} - {None}
-    pre_dirs: dict[str, Path] = {}
-    for key in PRETRAINING:
-        if key not in needed:
-            continue
-        name = PRETRAINING[key]
-        pre_dirs[key] = out / name
-        _log(f"pre-training {key}: {name}")
-        s = run_config(name, pre_dirs[key], args.overrides, args.device)
+    def extra(config_name: str, k: int) -> list[str]:
+        return list(fold_overrides(config_name, k, base_over, context)) if fold_overrides else []
+
+    def record(key: str, s: Mapping[str, Any]) -> None:
         if "wall_s" in s:
-            timing["runs"][name] = {"wall_s": s["wall_s"], "train_time_s": s.get("train_time_s"),
-                                    "mean_epoch_time_s": s.get("mean_epoch_time_s")}
+            timing["runs"][key] = {"wall_s": s["wall_s"], "train_time_s": s.get("train_time_s"),
+                                   "mean_epoch_time_s": s.get("mean_epoch_time_s")}
         timing_path.write_text(json.dumps(timing, indent=2))
 
-    run_dirs: list[RunDir] = []
-    for method in methods:
-        config_name, pre = METHODS[method]
+    pre_dirs: dict[tuple[str, int | None], Path] = {}
+
+    def pretrained(key: str, k: int | None) -> Path:
+        if (key, k) not in pre_dirs:
+            name = pretraining[key]
+            run_dir = out / name if k is None else out / name / f"fold{k}"
+            _log(f"pre-training {key}" + ("" if k is None else f" for fold {k}") + f": {name}")
+            s = run_config(name, run_dir, base_over + ([] if k is None else extra(name, k)), args.device)
+            record(name if k is None else f"{name}/fold{k}", s)
+            pre_dirs[(key, k)] = run_dir
+        return pre_dirs[(key, k)]
+
+    if not per_fold_pretraining:
+        for key in sorted({methods[m][1] for m in chosen} - {None}, key=list(pretraining).index):
+            pretrained(key, None)
+    for method in chosen:
+        config_name, pre = methods[method]
         for k in folds:
-            over = list(args.overrides) + [f"protocol.fold={k}"]
+            over = base_over + [f"protocol.fold={k}"] + extra(config_name, k)
             if pre is not None:
-                over.append(f"model.init={pre_dirs[pre]}")
+                over.append(f"model.init={pretrained(pre, k if per_fold_pretraining else None)}")
             run_dir = out / config_name / f"fold{k}"
             _log(f"{method} fold {k}: {config_name}")
             s = run_config(config_name, run_dir, over, args.device)
-            if "wall_s" in s:
-                timing["runs"][f"{config_name}/fold{k}"] = {
-                    "wall_s": s["wall_s"], "train_time_s": s.get("train_time_s"),
-                    "mean_epoch_time_s": s.get("mean_epoch_time_s")}
+            record(f"{config_name}/fold{k}", s)
             tm = s.get("test_mean") or {}
             _log(f"  -> {s.get('status')}: DSC {tm.get('dsc')}, NSD {tm.get('nsd')}")
-            run_dirs.append(RunDir(run_dir))
-            timing_path.write_text(json.dumps(timing, indent=2))
 
-    # the table covers every finished method run in OUT (also those of earlier invocations), in METHODS order
-    all_dirs = [RunDir(p.parent) for m in METHODS for p in sorted((out / METHODS[m][0]).glob("fold*/summary.json"))
+    # the table covers every finished method run in OUT (also those of earlier invocations), in method order
+    all_dirs = [RunDir(p.parent) for m in methods for p in sorted((out / methods[m][0]).glob("fold*/summary.json"))
                 if RunDir(p.parent).finished]
-    table = build_table(all_dirs or run_dirs)
+    table = build_table(all_dirs)
     write_tables(table, out / "table.md", out / "table.csv")
     timing["last_invocation_wall_s"] = time.perf_counter() - t_start
     timing["total_run_wall_s"] = sum(v["wall_s"] for v in timing["runs"].values() if v.get("wall_s"))
     timing_path.write_text(json.dumps(timing, indent=2))
     print(table.markdown(), flush=True)
-    (out / "summary.md").write_text(summary_markdown(out) + "\n")
-    print(summary_markdown(out), flush=True)
-    (out / "reviewer.md").write_text(reviewer_markdown(out))
+    summary = summary_markdown(out, configs=methods, paper=paper)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary, flush=True)
+    (out / "reviewer.md").write_text(reviewer_markdown(out, configs=methods, paper=paper, unit=unit))
     _log(f"done in {timing['last_invocation_wall_s']:.0f} s; tables in {out}/table.md, {out}/table.csv")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return comparison_main(argv, description=__doc__.split("\n")[0], default_out="runs/protocol2d",
+                           default_folds="0,1", methods=METHODS, pretraining=PRETRAINING, paper=PAPER_NUMBERS)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -392,21 +392,27 @@ def _consolidate(rng: np.random.Generator, values: np.ndarray, weight: np.ndarra
 
 
 def synthesize_file(host: str | Path, out_dir: str | Path, seed: int, shape_bank: Optional[ShapeBank] = None,
-                    config: Optional[LesionConfig] = None, overwrite: bool = False) -> dict[str, Path]:
+                    config: Optional[LesionConfig] = None, overwrite: bool = False, lung: bool = False,
+                    host_read: Optional[tuple[Any, np.ndarray]] = None) -> dict[str, Path]:
     """Read a host HU CT, insert lesions inside the engine's ``hu-lungs`` mask and write
-    ``<name>_syn<seed>_ct.nii.gz``, ``_mask.nii.gz`` (in the host's exact geometry) and ``.json``.
+    ``<name>_syn<seed>_ct.nii.gz``, ``_mask.nii.gz`` (in the host's exact geometry) and ``.json``; with
+    ``lung`` also ``_lung.nii.gz``, the host's lung mask the lesions were drawn in (what an evaluation
+    through the engine's infection model takes as the lungs). ``host_read``: the host's
+    ``hard_negatives.read_host`` result, to synthesise several seeds from one reading.
     Refuses to overwrite unless ``overwrite``; every file is written atomically."""
     import SimpleITK as sitk
 
     from COVIDLesionSegLib.outputs import atomic_write, atomic_write_text
     from training.hard_negatives import read_host  # imports this module: import it here, not at the top
 
-    volume, lung = read_host(host)
-    case = synthesize(volume.hu, lung, volume.spacing_zyx, seed, config, shape_bank)
+    volume, lung_mask = host_read if host_read is not None else read_host(host)
+    case = synthesize(volume.hu, lung_mask, volume.spacing_zyx, seed, config, shape_bank)
     out_dir = Path(out_dir)
     stem = f"{volume.name}_syn{seed}"
     paths = {"ct": out_dir / f"{stem}_ct.nii.gz", "mask": out_dir / f"{stem}_mask.nii.gz",
              "json": out_dir / f"{stem}.json"}
+    if lung:
+        paths["lung"] = out_dir / f"{stem}_lung.nii.gz"
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
@@ -415,6 +421,9 @@ def synthesize_file(host: str | Path, out_dir: str | Path, seed: int, shape_bank
     mask = volume.to_input_geometry(case.mask.astype(np.uint8))
     atomic_write(paths["ct"], lambda tmp: sitk.WriteImage(ct, str(tmp), True))
     atomic_write(paths["mask"], lambda tmp: sitk.WriteImage(mask, str(tmp), True))
+    if lung:
+        lung_image = volume.to_input_geometry(lung_mask.astype(np.uint8))
+        atomic_write(paths["lung"], lambda tmp: sitk.WriteImage(lung_image, str(tmp), True))
     meta = {"host": str(host), "config": asdict(config or LesionConfig()), **case.summary(volume.spacing_zyx)}
     atomic_write_text(paths["json"], json.dumps(meta, indent=2))
     return paths

@@ -109,6 +109,7 @@ READERS: dict[str, Callable[..., list]] = {
     "medseg100": ds.read_medseg100,
     "covidctmd": ds.read_covidctmd,
     "shared_ct": ds.read_shared_ct,
+    "synthetic": ds.read_synthetic,
 }
 
 #: Pipeline factories by config name (``data.transforms``), see ``training/transforms.py``.
@@ -325,6 +326,7 @@ class Trainer:
         self._rng_to_restore: dict[str, Any] | None = None
         self.elapsed_train_s = 0.0
         self._stop_after: int | None = None
+        self._engine_choice: dict[str, bool] = {}
 
     # -- messages --------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -1064,6 +1066,8 @@ class Trainer:
         ``data`` is the config key of the data set: ``"data"`` (the target data, split by the protocol) or
         ``"aux_data.<name>"`` with ``subset="all"`` (a second test set, e.g. 004's Radiopaedia volumes).
         """
+        if self._spatial_dims() == 3 and self.engine_predictor(data):
+            return self._evaluate_engine(subset, data, list(metrics or self.config["eval"]["metrics"]), with_loss)
         if subset == "val" and data == "data":
             dataset = self.val_set
         else:
@@ -1111,6 +1115,94 @@ class Trainer:
         rows = self._metric_rows(results, metrics, float(ev["tau_mm"]), unit, ev["empty_rule"])
         loss = sum(losses) / n if with_loss and n else float("nan")
         return rows, loss
+
+    # -- evaluation through the deployed predictor -------------------------------------------------------------
+    def engine_predictor(self, key: str = "data") -> bool:
+        """Whether 3D volumes of data set ``key`` are scored through the engine's infection model
+        (``eval.predictor``). ``auto``: yes for a 3D infection run on HU volumes (no case of the data set is
+        pre-windowed or 8-bit) whose nnU-Net preprocessing maps HU to the network (a fitted or given target
+        spacing and intensity mapping: what the exported checkpoint's input spec needs) and whose model
+        selection does not need a validation loss (the engine gives no logits); else the training network's
+        own sliding window (:meth:`_predict_volume`). ``engine`` / ``network`` force one."""
+        setting = self.config["eval"]["predictor"]
+        if setting != "auto":
+            return setting == "engine"
+        if key in self._engine_choice:
+            return self._engine_choice[key]
+        spec = self.spec(key)
+        data_spec = self.spec("data")
+        ok = (self._spatial_dims() == 3 and self.config["task"] == "infection"
+              and spec["transforms"] == "nnunet_3d" and data_spec["transforms"] == "nnunet_3d"
+              and "loss" not in self._select_key()
+              and not any(ds.WINDOWED_0_255 in c.notes or ds.NOT_HU in c.notes for c in self.cases_of(key)))
+        if ok:
+            prep = self._prepare_3d("data", data_spec)
+            ok = prep.get("target_spacing") is not None and isinstance(prep.get("intensity"), Mapping)
+        self._engine_choice[key] = ok
+        return ok
+
+    def engine_checkpoint(self):
+        """The current weights as the engine checkpoint :func:`training.export.export_run` would write for
+        them (``training.export.make_checkpoint``: the same fields and file format, read back in memory)."""
+        from training.export import make_checkpoint
+
+        if self._spatial_dims() == 3 and self.spec("data")["transforms"] == "nnunet_3d":
+            self._prepare_3d("data", self.spec("data"))
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return make_checkpoint(self.config, state, self.preprocessing, epoch=len(self.history), best=self.best,
+                               which="current", run_path=self.run.path)
+
+    def _evaluate_engine(self, subset: str, data: str, metrics: Sequence[str], with_loss: bool
+                         ) -> tuple[list[dict[str, Any]], float]:
+        """:meth:`evaluate` through the deployed predictor: the current weights as an engine checkpoint
+        (:meth:`engine_checkpoint`) run by ``NetworkInfectionModel`` on each whole HU volume (lung box +
+        margin, resampling to the checkpoint's spacing, intensity mapping, sliding window with Gaussian
+        blending, the checkpoint's post-processing) and thresholded inside the lungs
+        (``pipeline.infection_mask``), scored on the volume's own grid. The lungs are the case's ``lung``
+        label where it has one (a synthetic case: the mask its lesions were drawn in), else the engine's
+        Hounsfield-unit lung model's. No loss (the engine gives probabilities, not logits): NaN."""
+        from COVIDLesionSegLib.network_predictor import NetworkInfectionModel
+        from COVIDLesionSegLib.pipeline import infection_mask
+
+        cases = self.subset_cases(data, subset)
+        if subset == "val" and self.config["eval"]["max_val_cases"]:
+            cases = _evenly(cases, int(self.config["eval"]["max_val_cases"]))
+        if not cases:
+            return [], float("nan")
+        if with_loss:
+            self.note("validation through the engine has no loss (val_loss is NaN); select on a metric")
+        ev = self.config["eval"]
+        target = self.spec(data)["target"]
+        self.model.eval()
+        net = NetworkInfectionModel(self.engine_checkpoint(), device=self.device, batch_size=int(ev["batch_size"]),
+                                    overlap=float(ev["overlap"]), output="mask")   # the pipeline's choice
+        results = []
+        for case in cases:
+            keys = [target] + (["lung"] if "lung" in case.labels and target != "lung" else [])
+            loaded = ds.load_case(case, keys)
+            hu = np.asarray(loaded["image"], dtype=np.float32)[0]
+            spacing = tuple(float(v) for v in loaded["spacing"])
+            if "lung" in keys:
+                lungs = np.asarray(loaded["lung"])[0] > 0
+            else:
+                lungs = self._engine_lungs(hu, spacing)
+            pred = infection_mask(hu, lungs, net, spacing_zyx=spacing)
+            results.append((case.id, case.group, pred, np.asarray(loaded[target])[0] > 0, spacing))
+        self.model.train()
+        rows = self._metric_rows(results, metrics, float(ev["tau_mm"]), "case", ev["empty_rule"])
+        return rows, float("nan")
+
+    def _engine_lungs(self, hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """The engine's Hounsfield-unit lung mask of a volume without a lung label."""
+        import SimpleITK as sitk
+
+        from COVIDLesionSegLib.predictor import HULungModel
+        from COVIDLesionSegLib.volume import CTVolume
+
+        self.note("cases without a lung label are scored inside the engine's Hounsfield-unit lung mask")
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
+        return HULungModel().segment(CTVolume.from_image(image)) > 0
 
     def _score_2d(self, key: str, item_id: str, prob: torch.Tensor, pred: np.ndarray, ref: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:

@@ -493,3 +493,26 @@ def overall_fraction(stage: str, fraction: float) -> float:
 
 __all__ = ["Pipeline", "SegmentOptions", "SegmentationResult", "BatchReport", "segment_batch", "InputError",
            "STAGES", "overall_fraction"]
+
+
+def infection_mask(volume: CTVolume | np.ndarray, lungs: np.ndarray, model,
+                   spacing_zyx: Optional[tuple[float, float, float]] = None, progress=None) -> np.ndarray:
+    """The infection mask :meth:`Pipeline.run` gives for a scan with lung mask ``lungs`` (any non-zero value
+    is lung) and infection model ``model``: thin scans as slabs of about 1.25 mm (``thin_slices``), the
+    model's ``predict`` (for a network: lung box, resampling, intensity mapping, windows, blending,
+    post-processing), its threshold, then inside the lungs. ``volume`` is a :class:`CTVolume` or a canonical
+    (LPS, z-y-x) HU array with ``spacing_zyx`` (the trainer's evaluation of 3D networks scores with this)."""
+    if not isinstance(volume, CTVolume):
+        if spacing_zyx is None:
+            raise ValueError("infection_mask of an array needs spacing_zyx")
+        image = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
+        image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+        volume = CTVolume.from_image(image)
+    lungs = (np.asarray(lungs) > 0).astype(np.uint8)
+    k = thin_slices.slab_factor(volume.spacing_zyx[0])
+    grid, grid_lungs = thin_slices.thick_slabs(volume, lungs, k) if k > 1 else (volume, lungs)
+    probabilities = model.predict(grid, grid_lungs, progress=progress)
+    infection = probabilities if probabilities.dtype == bool else probabilities >= model.info.threshold
+    if k > 1:
+        infection = thin_slices.to_thin_slices(infection, k, lungs)
+    return np.logical_and(infection, lungs > 0)

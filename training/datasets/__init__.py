@@ -15,6 +15,8 @@ read_medseg                 MedSeg (tr_im / tr_mask / rp_*)        lesion, infec
 read_medseg100              shared medseg100 slices                same as MedSeg, no lung
 read_covidctmd              COVID-CT-MD DICOM + slice/lobe labels  (slice labels in ``meta``)
 read_shared_ct              shared real HU volumes (../shared)     nodule (LIDC-0001); slice labels
+read_synthetic              synthetic-lesion HU volumes            infection (or ``target=``), [lung]
+                            (``training.synthesis``)
 ==========================  =====================================  ==========================================
 
 :func:`load_case` turns a case into MONAI-ready arrays; :func:`make_dataset` wraps items in a (cached)
@@ -42,11 +44,12 @@ from .mosmed import read_mosmed
 from .msd import read_msd
 from .nsclc_effusion import read_nsclc_effusion
 from .structseg import read_structseg
+from .synthetic import read_synthetic
 
 __all__ = [
     "BENCHMARK_TASK1_TRAIN", "Case", "DatasetError", "LabelRef", "LidcConsensus", "NOT_HU", "WINDOWED_0_255",
     "ctseg2d_arrays", "hu_from_0_255", "load_case", "make_dataset", "parse_lidc_xml", "rasterise_readers",
     "read_benchmark_split", "read_covid19ctseg", "read_covid19ctseg2d", "read_covidctmd", "read_lidc",
     "read_medseg", "read_medseg100", "read_mosmed", "read_msd", "read_nsclc_effusion", "read_shared_ct",
-    "read_structseg", "read_volume", "slice_items",
+    "read_structseg", "read_synthetic", "read_volume", "slice_items",
 ]
