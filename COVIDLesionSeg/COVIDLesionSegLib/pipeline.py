@@ -165,19 +165,10 @@ class Pipeline:
         models = {"lungs": _model_record(self.lung_model, self.options.fast)}
         if self.infection_model is not None:
             start = time.perf_counter()
-            # Thin slices: the infection model runs on slabs of about 1.25 mm (thin_slices.py), its mask comes
-            # back to every slice.
+            infection = infection_mask(volume, lungs, self.infection_model, progress=_stage(on_progress, "infection"))
             k = thin_slices.slab_factor(volume.spacing_zyx[0])
-            grid, grid_lungs = thin_slices.thick_slabs(volume, lungs, k) if k > 1 else (volume, lungs)
-            probabilities = self.infection_model.predict(grid, grid_lungs, progress=_stage(on_progress, "infection"))
-            # A bool mask (the built-in model) is used as it is; no full-size temporaries either way.
-            infection = (probabilities if probabilities.dtype == bool
-                         else probabilities >= self.infection_model.info.threshold)
-            del probabilities, grid, grid_lungs
             if k > 1:
-                infection = thin_slices.to_thin_slices(infection, k, lungs)
                 notes.append(thin_slices.note(volume.spacing_zyx[0], k))
-            np.logical_and(infection, lungs, out=infection)
             timings["infection"] = time.perf_counter() - start
             models["infection"] = _model_record(self.infection_model, self.options.fast)
             notes.extend(getattr(self.infection_model, "notes", []))
@@ -508,11 +499,17 @@ def infection_mask(volume: CTVolume | np.ndarray, lungs: np.ndarray, model,
         image = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
         image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
         volume = CTVolume.from_image(image)
-    lungs = (np.asarray(lungs) > 0).astype(np.uint8)
+    lungs = np.asarray(lungs)
+    if lungs.dtype != bool and not np.issubdtype(lungs.dtype, np.integer):
+        lungs = lungs > 0     # labels are used as they are (no copy of a 1000-slice scan's labels)
+    # Thin slices: the infection model runs on slabs of about 1.25 mm (thin_slices.py), its mask comes back to
+    # every slice.
     k = thin_slices.slab_factor(volume.spacing_zyx[0])
     grid, grid_lungs = thin_slices.thick_slabs(volume, lungs, k) if k > 1 else (volume, lungs)
     probabilities = model.predict(grid, grid_lungs, progress=progress)
+    # A bool mask (the built-in model, a network with output="mask") is used as it is.
     infection = probabilities if probabilities.dtype == bool else probabilities >= model.info.threshold
+    del probabilities, grid, grid_lungs
     if k > 1:
         infection = thin_slices.to_thin_slices(infection, k, lungs)
-    return np.logical_and(infection, lungs > 0)
+    return np.logical_and(infection, lungs, out=infection)
