@@ -344,8 +344,9 @@ def test_demo_runs_and_reports_agreement(tmp_path, capsys):
 
 
 def test_segment_with_a_network_model(tmp_path):
-    """A shipped learned model runs through the CLI and its device and arithmetic land in the JSON report."""
-    from COVIDLesionSegLib import catalogue
+    """A shipped learned model runs through the CLI and its device, runtime and arithmetic land in the JSON
+    report: ONNX Runtime (float32) where it is installed, else PyTorch (bfloat16 on CPUs that have it)."""
+    from COVIDLesionSegLib import catalogue, onnx_runtime
     from COVIDLesionSegLib.network_predictor import cpu_has_native_bfloat16
 
     networks = [e for e in catalogue.list_models() if e.source == "shipped" and e.available and e.task == "infection"]
@@ -356,9 +357,12 @@ def test_segment_with_a_network_model(tmp_path):
     assert main(["segment", str(ct), "-o", str(out), "--model", networks[0].model_id, "--device", "cpu",
                  "--quiet"]) == 0
     report = json.loads((out / "phantom.json").read_text())
+    if onnx_runtime.installed() and onnx_runtime.DEFAULT_RUNTIME != "torch":
+        arithmetic = {"runtime": "onnxruntime", "precision": "float32"}
+    else:
+        arithmetic = {"runtime": "torch", "precision": "bfloat16" if cpu_has_native_bfloat16() else "float32"}
     assert report["models"]["infection"] == {"id": networks[0].model_id, "version": networks[0].version,
-                                             "device": "cpu", "licence": networks[0].licence,
-                                             "precision": "bfloat16" if cpu_has_native_bfloat16() else "float32"}
+                                             "device": "cpu", "licence": networks[0].licence, **arithmetic}
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_labels.nii.gz")))
     assert set(np.unique(labels)) <= {0, 1, 2, 3}
 
