@@ -155,8 +155,8 @@ def load_model(model_id: str, task: str, device: str = "auto", fast: bool = Fals
     interpolated, for a 2D infection network; nothing for other networks). ``masks``: an infection network
     gives its bool mask rather than probabilities (``NetworkModel(output="mask")``: what the pipeline needs,
     in a quarter of the memory); the built-in model always does. ``runtime``: a network's on the CPU
-    (``NetworkModel(runtime=...)``); by default ``onnx_runtime.DEFAULT_RUNTIME``, ONNX Runtime where it is
-    installed (``COVIDLESIONSEG_RUNTIME=torch`` turns it off).
+    (``NetworkModel(runtime=...)``); by default ``onnx_runtime.DEFAULT_RUNTIME``: PyTorch, or ONNX Runtime
+    with ``COVIDLESIONSEG_RUNTIME=onnxruntime``.
     """
     entry = get_entry(model_id)
     if entry.task != task:

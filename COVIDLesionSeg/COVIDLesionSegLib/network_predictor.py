@@ -190,9 +190,9 @@ class NetworkModel:
             ``"mask"`` (the pipeline's choice: ``predict`` gives the bool mask at the checkpoint's threshold,
             the same voxels as thresholding the probabilities, thresholded batch by batch so that no float32
             volume is ever held: 1 GB less on a 512 x 512 x 1000 scan).
-        runtime: on the CPU, ``"torch"`` (default) or ``"onnxruntime"`` (``onnx_runtime.py``: optional, float32,
-            about 2.4x PyTorch bfloat16 for the default network); ``"auto"`` (what the catalogue loads the
-            pipeline's models with, ``onnx_runtime.DEFAULT_RUNTIME``) is ONNX Runtime where it is installed.
+        runtime: on the CPU, ``"torch"`` (default) or ``"onnxruntime"`` (``onnx_runtime.py``: optional,
+            float32); ``"auto"`` is ONNX Runtime where it is installed. The catalogue loads the pipeline's
+            networks with ``onnx_runtime.DEFAULT_RUNTIME`` (``COVIDLESIONSEG_RUNTIME``, PyTorch unless set).
             Where ONNX Runtime cannot run the network, it stays in PyTorch and :attr:`notes` says why.
     """
 

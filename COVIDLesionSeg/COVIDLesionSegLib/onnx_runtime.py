@@ -1,9 +1,13 @@
-"""A network on the CPU through ONNX Runtime: optional (``pip install "covidlesionseg[onnx]"``), float32.
+"""A network on the CPU through ONNX Runtime: optional and opt-in (``pip install "covidlesionseg[onnx]"``,
+``COVIDLESIONSEG_RUNTIME=onnxruntime``), float32.
 
-Why: on these 2-core CPUs PyTorch's eager convolutions and instance norms are the learned default's cost. The
-default 2D nnU-Net on a batch of 16 slices took 0.79 s in ONNX Runtime against 1.89 s in PyTorch bfloat16 and
-2.37 s in PyTorch float32 (medians of 5, same process, 2 threads; ``benchmarks/bench_default_models.py``
-measures the whole pipeline both ways), with float32 arithmetic (logits within 3e-4 of PyTorch's float32).
+Why it exists: on a loaded 2-core CPU the default 2D nnU-Net on a batch of 16 slices took 0.79 s in ONNX
+Runtime against 1.89 s in PyTorch bfloat16 and 2.37 s in PyTorch float32 (medians of 5, same process, 2
+threads), with float32 arithmetic (logits within 3e-4 of PyTorch's float32; on P001 and normal001 the kept
+masks equal float32's, where bfloat16 changes 121 voxels: ``runs/bench_precision_round9.json``). Why it is not
+the default: side by side on the idle machine the whole pipeline on P001 took 17.1 s with it against 18.0 s
+with PyTorch bfloat16 (1.05x) and peaked 290 MB higher (1285 against 992 MB; the 512 x 512 x 1000 scan 2280 MB,
+over issue 14's 2 GB), ``runs/bench_round9_onnx.json``.
 
 How: the network is exported once (``torch.onnx.export``, the TorchScript exporter, a dynamic batch axis) to
 :func:`cache_folder`, named by its weights' sha256 and the torch version, so every later process only loads
@@ -26,9 +30,9 @@ import torch
 
 #: ``NetworkModel(runtime=...)`` choices; ``auto`` is ONNX Runtime on the CPU when it is installed.
 RUNTIMES = ("auto", "torch", "onnxruntime")
-#: The runtime when none is given (``COVIDLESIONSEG_RUNTIME`` sets it for every entry point: ``torch`` turns
-#: ONNX Runtime off where it is installed).
-DEFAULT_RUNTIME = os.environ.get("COVIDLESIONSEG_RUNTIME", "auto")
+#: The runtime the catalogue loads the pipeline's networks with: PyTorch unless ``COVIDLESIONSEG_RUNTIME`` says
+#: ``onnxruntime`` (or ``auto``) for every entry point (the module docstring says why PyTorch).
+DEFAULT_RUNTIME = os.environ.get("COVIDLESIONSEG_RUNTIME", "torch")
 
 
 def installed() -> bool:
