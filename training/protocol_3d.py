@@ -93,6 +93,7 @@ def prepare_data(data: str | os.PathLike, hosts: Sequence[str | os.PathLike] | N
     in every host, one copy per seed; ``DATA/noncovid`` - solid nodules (:data:`NONCOVID_LESIONS`) in every
     host, plus the real LIDC-IDRI-0001 nodules (links to the shared files) when LIDC-IDRI-0001 is a host.
     Every volume keeps the host's lung mask beside it (``_lung.nii.gz``). Returns the two folders."""
+    from COVIDLesionSegLib.io import case_name
     from training.config import shared_data_dir
     from training.hard_negatives import is_evaluation_scan, read_host
     from training.synthesis import LesionConfig, ShapeBank, synthesize_file
@@ -111,8 +112,6 @@ def prepare_data(data: str | os.PathLike, hosts: Sequence[str | os.PathLike] | N
         for kind, seeds, cfg, shape_bank in (("covid", covid_seeds, covid_cfg, bank),
                                              ("noncovid", noncovid_seeds, noncovid_cfg, None)):
             for seed in seeds:
-                from COVIDLesionSegLib.io import case_name
-
                 if (folders[kind] / f"{case_name(host)}_syn{seed}.json").exists():
                     continue
                 read = read or read_host(host)

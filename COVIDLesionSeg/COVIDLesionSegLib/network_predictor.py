@@ -299,17 +299,13 @@ class NetworkModel:
     @property
     def precision(self) -> str:
         """The arithmetic the network runs in on its device: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
-        amp = None if self._on_onnx else self._amp_dtype()
+        amp = None if self._onnx is not None else self._amp_dtype()
         return "float32" if amp is None else str(amp).replace("torch.", "")
 
     @property
     def runtime(self) -> str:
-        """What runs the network: ``"onnxruntime"`` or ``"torch"``."""
-        return "onnxruntime" if self._on_onnx else "torch"
-
-    @property
-    def _on_onnx(self) -> bool:
-        return getattr(self, "_onnx", None) is not None and self._device.type == "cpu"
+        """What runs the network: ``"onnxruntime"`` (only ever made on the CPU) or ``"torch"``."""
+        return "onnxruntime" if self._onnx is not None else "torch"
 
     def _onnx_network(self, ckpt: Checkpoint, runtime: str):
         """The network in ONNX Runtime (``onnx_runtime.load``) when ``runtime`` asks for it on the CPU, else
@@ -331,7 +327,7 @@ class NetworkModel:
         return y.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._on_onnx:
+        if self._onnx is not None:
             return self._onnx(x)
         amp = self._amp_dtype()
         if amp is None:
@@ -522,16 +518,18 @@ class NetworkInfectionModel(NetworkModel):
                 return out
             # Batches come in increasing z: a skipped slice is interpolated as soon as the run slice above it
             # arrives, from the one below (kept from the batch before when needed), then stored.
-            below: dict[str, Any] = {"z": None, "probs": None}
+            below_z: int | None = None
+            below_probs: np.ndarray | None = None
 
             def sink(zb: np.ndarray, probs: np.ndarray) -> None:
+                nonlocal below_z, below_probs
                 for z, p in zip(zb, probs[:, 0]):
-                    if below["z"] is not None:
-                        lo, hi = np.searchsorted(skipped, [below["z"], z])
+                    if below_z is not None:
+                        lo, hi = np.searchsorted(skipped, [below_z, z])
                         for s in skipped[lo:hi]:
-                            w = np.float32((s - below["z"]) / (z - below["z"]))
-                            store(int(s), (1 - w) * below["probs"] + w * p)
-                    below["z"], below["probs"] = int(z), p.copy()
+                            w = np.float32((s - below_z) / (z - below_z))
+                            store(int(s), (1 - w) * below_probs + w * p)
+                    below_z, below_probs = int(z), p.copy()
                     store(int(z), p)
 
             self._run_2d(hu, run, (box[1], box[2]), False, sink, progress, what)

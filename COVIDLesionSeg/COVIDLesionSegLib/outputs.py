@@ -494,7 +494,7 @@ def write_segmentation_nrrd(path: PathLike, masks: Mapping[str, np.ndarray], geo
     def pieces() -> Iterable[np.ndarray]:
         for start in range(0, shape_zyx[0], NRRD_SLABS):
             part = slice(start, start + NRRD_SLABS)
-            block = np.zeros((len(range(*part.indices(shape_zyx[0]))),) + shape_zyx[1:] + (n_layers,), np.uint8)
+            block = np.zeros((min(NRRD_SLABS, shape_zyx[0] - start),) + shape_zyx[1:] + (n_layers,), np.uint8)
             for (layer, label), mask in zip(placement, checked.values()):
                 block[..., layer][mask[part]] = label
             yield block if n_layers > 1 else block[..., 0]

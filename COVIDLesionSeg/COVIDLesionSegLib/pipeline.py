@@ -165,10 +165,8 @@ class Pipeline:
         models = {"lungs": _model_record(self.lung_model, self.options.fast)}
         if self.infection_model is not None:
             start = time.perf_counter()
-            infection = infection_mask(volume, lungs, self.infection_model, progress=_stage(on_progress, "infection"))
-            k = thin_slices.slab_factor(volume.spacing_zyx[0])
-            if k > 1:
-                notes.append(thin_slices.note(volume.spacing_zyx[0], k))
+            infection = infection_mask(volume, lungs, self.infection_model, progress=_stage(on_progress, "infection"),
+                                       notes=notes)
             timings["infection"] = time.perf_counter() - start
             models["infection"] = _model_record(self.infection_model, self.options.fast)
             notes.extend(getattr(self.infection_model, "notes", []))
@@ -276,8 +274,7 @@ class Pipeline:
         zlib and ITK's writer release the GIL: on two cores the slower image is the write time; the report
         (matplotlib: Python, holding the GIL) is drawn meanwhile."""
         masks = _segment_masks(lungs, infection)
-        labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))   # the array is freed at once
-        geometry.apply_to(labels_image)
+        labels_image = _labels_image(lungs, infection, geometry)
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [pool.submit(self._write_report, case, result, {})] if report_now else []
             pending.append(pool.submit(outputs.write_labelmap, case.staging_path("labels"), labels_image))
@@ -301,8 +298,7 @@ class Pipeline:
             self._write_report(case, result, {})
         if free_volume:
             result.volume.release_pixels()
-        labels_image = sitk.GetImageFromArray(_labelmap(lungs, infection))
-        geometry.apply_to(labels_image)
+        labels_image = _labels_image(lungs, infection, geometry)
         outputs.write_labelmap(case.staging_path("labels"), labels_image)
         del labels_image
         masks = _segment_masks(lungs, infection)
@@ -334,6 +330,13 @@ def _segment_masks(lungs: np.ndarray, infection: Optional[np.ndarray]) -> dict[s
     if infection is not None:
         masks[SEGMENTS.infection.name] = infection
     return masks
+
+
+def _labels_image(lungs: np.ndarray, infection: Optional[np.ndarray], geometry) -> sitk.Image:
+    """The ``_labels`` image on the input's grid (its array is freed at once: the image holds the pixels)."""
+    image = sitk.GetImageFromArray(_labelmap(lungs, infection))
+    geometry.apply_to(image)
+    return image
 
 
 def _labelmap(lungs: np.ndarray, infection: Optional[np.ndarray]) -> np.ndarray:
@@ -482,17 +485,15 @@ def overall_fraction(stage: str, fraction: float) -> float:
     return min(1.0, done + STAGE_WEIGHTS[stage] * fraction)
 
 
-__all__ = ["Pipeline", "SegmentOptions", "SegmentationResult", "BatchReport", "segment_batch", "InputError",
-           "STAGES", "overall_fraction"]
-
-
 def infection_mask(volume: CTVolume | np.ndarray, lungs: np.ndarray, model,
-                   spacing_zyx: Optional[tuple[float, float, float]] = None, progress=None) -> np.ndarray:
+                   spacing_zyx: Optional[tuple[float, float, float]] = None, progress=None,
+                   notes: Optional[list[str]] = None) -> np.ndarray:
     """The infection mask :meth:`Pipeline.run` gives for a scan with lung mask ``lungs`` (any non-zero value
     is lung) and infection model ``model``: thin scans as slabs of about 1.25 mm (``thin_slices``), the
     model's ``predict`` (for a network: lung box, resampling, intensity mapping, windows, blending,
     post-processing), its threshold, then inside the lungs. ``volume`` is a :class:`CTVolume` or a canonical
-    (LPS, z-y-x) HU array with ``spacing_zyx`` (the trainer's evaluation of 3D networks scores with this)."""
+    (LPS, z-y-x) HU array with ``spacing_zyx`` (the trainer's evaluation of 3D networks scores with this).
+    ``notes``: the case's notes, told when the scan ran as slabs."""
     if not isinstance(volume, CTVolume):
         if spacing_zyx is None:
             raise ValueError("infection_mask of an array needs spacing_zyx")
@@ -512,4 +513,11 @@ def infection_mask(volume: CTVolume | np.ndarray, lungs: np.ndarray, model,
     del probabilities, grid, grid_lungs
     if k > 1:
         infection = thin_slices.to_thin_slices(infection, k, lungs)
+        if notes is not None:
+            notes.append(thin_slices.note(volume.spacing_zyx[0], k))
     return np.logical_and(infection, lungs, out=infection)
+
+
+__all__ = ["Pipeline", "SegmentOptions", "SegmentationResult", "BatchReport", "segment_batch", "InputError",
+           "STAGES", "overall_fraction", "infection_mask"]
+
