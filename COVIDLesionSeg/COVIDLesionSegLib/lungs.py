@@ -55,6 +55,7 @@ lists what changed); the fast mode (``FAST_PARAMS``, a 3 mm grid) takes about ha
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +65,7 @@ from scipy import ndimage as ndi
 
 from . import progress as _progress
 from .errors import InputError
+from .morphology import squared_distance_to
 from .preprocessing import bounding_box
 from .progress import ProgressCallback
 from .volume import stable_spacing
@@ -194,7 +196,8 @@ def _block_mean(hu: np.ndarray, factors: tuple[int, int, int], slab: int = 16) -
     """Average non-overlapping blocks (last partial block averaged over what exists), slab by slab.
 
     Values below -1024 HU (outside the reconstruction circle, padding) are clipped to -1024 so that they
-    do not pull the block average of tissue at the edge of the field of view to absurd values.
+    do not pull the block average of tissue at the edge of the field of view to absurd values. The slabs are
+    shared among ITK's thread budget (:func:`_in_threads`: numpy releases the GIL in these loops).
     """
     fz, fy, fx = factors
     nz, ny, nx = hu.shape
@@ -204,7 +207,8 @@ def _block_mean(hu: np.ndarray, factors: tuple[int, int, int], slab: int = 16) -
     cy = np.diff(np.append(iy, ny)).astype(np.float32)
     cx = np.diff(np.append(ix, nx)).astype(np.float32)
     step = slab * fz
-    for z0 in range(0, nz, step):
+
+    def reduce(z0: int) -> None:
         chunk = np.clip(np.asarray(hu[z0:z0 + step], dtype=np.float32), -1024.0, 3071.0)
         iz = np.arange(0, chunk.shape[0], fz)
         cz = np.diff(np.append(iz, chunk.shape[0])).astype(np.float32)
@@ -213,7 +217,24 @@ def _block_mean(hu: np.ndarray, factors: tuple[int, int, int], slab: int = 16) -
         s = np.add.reduceat(s, ix, axis=2) if fx > 1 else s
         s /= cz[:, None, None] * cy[None, :, None] * cx[None, None, :]
         out[z0 // fz:z0 // fz + s.shape[0]] = s
+
+    _in_threads(reduce, range(0, nz, step))
     return out
+
+
+def _in_threads(work, items) -> None:
+    """``work(item)`` for every item, on as many threads as ITK may use (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``,
+    the same budget as the distance maps): for loops over slices whose work is numpy's (which releases the GIL),
+    e.g. the block means take 0.12 s instead of 0.20 s on P001 on two cores. The first error is raised."""
+    items = list(items)
+    threads = min(len(items), max(1, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+    if threads <= 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done in [pool.submit(work, item) for item in items]:
+            done.result()
 
 
 def _body_mask(low: np.ndarray, params: LungMaskParams) -> np.ndarray:
@@ -239,24 +260,6 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
         outside[edge] = True
     outside[0] = False          # label 0 is the mask itself
     return ~outside[background]
-
-
-def squared_distance_to(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Squared Euclidean distance in mm^2 (float32) from every voxel to the nearest voxel of ``mask``.
-
-    Zero or negative inside ``mask`` (so ``<= r ** 2`` holds there), ``inf`` everywhere for an empty mask.
-    The same distances as ``ndi.distance_transform_edt(~mask, sampling=spacing) ** 2`` (both are exact
-    Euclidean transforms), from ITK's Maurer filter: it runs on every core and skips scipy's float64
-    feature transform, about 3x faster on two cores for a 2 mm lung grid. Squared, so thresholds are
-    compared without a square root (the thresholds used here are exact in float32).
-    """
-    if not mask.any():
-        return np.full(mask.shape, np.inf, np.float32)
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=True,
-                                            useImageSpacing=True, backgroundValue=0.0)
-    return sitk.GetArrayFromImage(distance)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -677,9 +680,10 @@ def _upsample_labels(right: np.ndarray, left: np.ndarray, factors: tuple[int, in
     # Window (a, b)..(a+1, b+1) as _interp_weights pairs them: uniform when all four voxels agree.
     uniform = (code == code[:, yn, :]) & (code == code[:, :, xn]) & (code == code[:, yn][:, :, xn]) & (code != 3)
     window = np.where(uniform, code, np.uint8(mixed))
-    for k in np.unique(iz):
+
+    def upsample(k: int) -> None:
         if not code[k].any():
-            continue
+            return
         plane = window[k][y0][:, x0]
         ys, xs = np.nonzero(plane == mixed)
         if ys.size:
@@ -696,4 +700,6 @@ def _upsample_labels(right: np.ndarray, left: np.ndarray, factors: tuple[int, in
             pr, pl = up(a), up(b)
             plane[ys, xs] = np.where(pr + pl >= 0.5, np.where(pr >= pl, RIGHT, LEFT), 0)
         out[iz == k] = plane
+
+    _in_threads(upsample, np.unique(iz))
     return out
