@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -201,11 +201,14 @@ class Pipeline:
 
     def segment_file(self, path: str | Path, outdir: str | Path, name: Optional[str] = None,
                      on_progress: Optional[StageCallback] = None,
-                     on_note: Optional[Callable[[str], None]] = None) -> tuple[SegmentationResult, dict[str, Path]]:
+                     on_note: Optional[Callable[[str], None]] = None,
+                     read: Optional[Future] = None) -> tuple[SegmentationResult, dict[str, Path]]:
         """Read, check, segment and write one case. Nothing is written unless every stage succeeded.
 
         Raises :class:`~.outputs.OutputExistsError` before any work when a complete result of the case exists
-        (without ``overwrite``); an incomplete one is written again, and ``on_note`` is told so.
+        (without ``overwrite``); an incomplete one is written again, and ``on_note`` is told so. ``read``: the
+        case already being read (:func:`read_case`, started by :func:`segment_batch` while the models load);
+        its errors are raised here, as the case's own.
         """
         outdir = Path(outdir)
         name = name or io.case_name(path)
@@ -213,10 +216,11 @@ class Pipeline:
         for message in self.case_writer(outdir, name).check_free():
             if on_note is not None:
                 on_note(message)
-        timings: dict[str, float] = {}
-        volume = checks.load_volume(path, name=name, input_window=self.options.input_window,
-                                    allow_slice_gaps=self.options.allow_slice_gaps, on_progress=on_progress,
-                                    timings=timings)
+        if read is None:
+            read = _done(read_case(path, name, self.options, on_progress))
+        else:
+            _emit(on_progress, "read", 0.0, f"reading {Path(path).name}")
+        volume, timings = read.result()
         result = self.run(volume, on_progress, timings, volume.dicom)
 
         start = time.perf_counter()
@@ -378,16 +382,30 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
     outputs.prepare_output_folder(outdir)
     inputs, _skipped = outputs.skip_own_outputs(inputs, outdir)
     report = BatchReport(skipped=[str(p) for p in _skipped])
-    pipeline = Pipeline(options)
     names = io.unique_case_names(inputs)
+    if options.case_report and inputs:
+        from . import reports
+
+        reports.import_in_background()
+    # The first case is read while the models load (ITK's reader and torch's import share two cores well: the
+    # reader releases the GIL); the later ones are read in turn, so no two scans are ever held at once.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidlesionseg-read") as reader:
+        first = reader.submit(read_case, inputs[0], names[0], options) if inputs else None
+        try:
+            pipeline = Pipeline(options)
+        except BaseException:
+            if first is not None and not first.cancel():
+                first.exception()          # the read ends before the error goes up
+            raise
     for index, (path, name) in enumerate(zip(inputs, names, strict=True)):
         if on_case is not None:
             on_case(index, len(inputs), str(path))
         started = time.perf_counter()
         folder_notes: list[str] = []
+        read, first = (first, None) if index == 0 else (None, None)
         try:
             result, _paths = pipeline.segment_file(path, outdir, name=name, on_progress=on_progress,
-                                                   on_note=folder_notes.append)
+                                                   on_note=folder_notes.append, read=read)
         except Cancelled:
             raise
         except outputs.OutputExistsError as exc:  # a complete result is there: its row stays as it is
@@ -466,6 +484,23 @@ def _model_record(model, fast: bool = False) -> dict[str, Any]:
     except CovidLesionSegError:   # a model loaded from a file the catalogue does not list
         pass
     return record
+
+
+def read_case(path: str | Path, name: str, options: SegmentOptions,
+              on_progress: Optional[StageCallback] = None) -> tuple[CTVolume, dict[str, float]]:
+    """Read and check one case (:func:`~.checks.load_volume` with the options' input window and slice-gap
+    rule); returns the volume and the seconds of its "read" and "check" stages."""
+    timings: dict[str, float] = {}
+    volume = checks.load_volume(path, name=name, input_window=options.input_window,
+                                allow_slice_gaps=options.allow_slice_gaps, on_progress=on_progress, timings=timings)
+    return volume, timings
+
+
+def _done(value: Any) -> Future:
+    """A future that already holds ``value``."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _emit(callback: Optional[StageCallback], stage: str, fraction: float, message: str) -> None:
