@@ -435,3 +435,51 @@ def test_a_scan_too_large_to_write_in_parallel_gives_the_same_files_and_frees_it
     report_b = json.loads((tmp_path / "in_turn" / "phantom.json").read_text())
     assert report_a["quantification"] == report_b["quantification"]
     assert (tmp_path / "in_turn" / "phantom_report.pdf").stat().st_size > 10_000
+
+
+def test_the_first_case_is_read_while_the_models_load(tmp_path, monkeypatch):
+    """segment_batch starts reading the first case before the models load (ITK's reader and torch's import share
+    two cores): here the model loader waits until the read has begun, which it never would if they ran in turn."""
+    import threading
+
+    from COVIDLesionSegLib import catalogue, io
+    from COVIDLesionSegLib.pipeline import segment_batch
+
+    ct, _ = _phantom_file(tmp_path)
+    reading = threading.Event()
+    real_read, real_load = io.read_input, catalogue.load_model
+
+    def read(*args, **kwargs):
+        reading.set()
+        return real_read(*args, **kwargs)
+
+    waited = []
+
+    def load(*args, **kwargs):
+        waited.append(reading.wait(timeout=20))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(io, "read_input", read)
+    monkeypatch.setattr(catalogue, "load_model", load)
+    report = segment_batch([ct], tmp_path / "out", SegmentOptions(lungs_only=True, case_report=False))
+    assert waited == [True] and report.succeeded == [str(ct)]
+    stages = json.loads((tmp_path / "out" / "phantom.json").read_text())["timings_s"]
+    assert stages["read"] > 0 and stages["check"] > 0           # the background read's stages are the case's
+
+
+def test_a_model_that_fails_to_load_ends_the_first_read_and_says_why(tmp_path, monkeypatch):
+    import threading
+
+    from COVIDLesionSegLib import catalogue
+    from COVIDLesionSegLib.pipeline import segment_batch
+
+    ct, _ = _phantom_file(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise InputError("the model file is damaged")
+
+    monkeypatch.setattr(catalogue, "load_model", broken)
+    with pytest.raises(InputError, match="damaged"):
+        segment_batch([ct], tmp_path / "out", SegmentOptions())
+    assert not [t for t in threading.enumerate() if t.name.startswith("covidlesionseg-read")]
+    assert not list((tmp_path / "out").glob("phantom*"))
