@@ -184,20 +184,12 @@ class Pipeline:
 
     # -- files -------------------------------------------------------------------------------------------------
     def output_paths(self, outdir: Path, name: str) -> dict[str, Path]:
-        """The files a case may get: the segmentation, labelmap and JSON, with the options' PDF/HTML report and
-        DICOM SEG/SR (written only when the input is a DICOM series: see :meth:`write`)."""
-        paths = {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
-                 "report": outdir / f"{name}.json"}
-        if self.options.case_report:
-            paths.update(outputs.case_report_paths(outdir, name))
-        if self.options.dicom:
-            paths.update(outputs.dicom_paths(outdir, name))
-        return paths
+        """The files a case may get (:func:`case_output_paths` for this pipeline's options)."""
+        return case_output_paths(self.options, outdir, name)
 
     def case_writer(self, outdir: str | Path, name: str) -> outputs.CaseWriter:
         """The :class:`~.outputs.CaseWriter` of a case's files in ``outdir``."""
-        files = {key: path.name for key, path in self.output_paths(Path(outdir), name).items()}
-        return outputs.CaseWriter(outdir, name, files, overwrite=self.options.overwrite)
+        return _case_writer(self.options, outdir, name)
 
     def segment_file(self, path: str | Path, outdir: str | Path, name: Optional[str] = None,
                      on_progress: Optional[StageCallback] = None,
@@ -207,8 +199,8 @@ class Pipeline:
 
         Raises :class:`~.outputs.OutputExistsError` before any work when a complete result of the case exists
         (without ``overwrite``); an incomplete one is written again, and ``on_note`` is told so. ``read``: the
-        case already being read (:func:`read_case`, started by :func:`segment_batch` while the models load);
-        its errors are raised here, as the case's own.
+        case already being read (a future of :func:`read_case`: :func:`segment_batch` starts the first case's
+        while the models load); its errors are raised here, as the case's own.
         """
         outdir = Path(outdir)
         name = name or io.case_name(path)
@@ -388,9 +380,13 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
 
         reports.import_in_background()
     # The first case is read while the models load (ITK's reader and torch's import share two cores well: the
-    # reader releases the GIL); the later ones are read in turn, so no two scans are ever held at once.
+    # reader releases the GIL; 0.3-0.8 s of a single case's run, docs/default_models.md section 8.7); the later
+    # ones are read in turn, so no two scans are ever held at once. A first case whose complete result is there
+    # (and would not be overwritten) is not read at all.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidlesionseg-read") as reader:
-        first = reader.submit(read_case, inputs[0], names[0], options) if inputs else None
+        first = None
+        if inputs and not _complete_and_kept(options, outdir, names[0]):
+            first = reader.submit(read_case, inputs[0], names[0], options)
         try:
             pipeline = Pipeline(options)
         except BaseException:
@@ -402,7 +398,7 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
             on_case(index, len(inputs), str(path))
         started = time.perf_counter()
         folder_notes: list[str] = []
-        read, first = (first, None) if index == 0 else (None, None)
+        read, first = first, None           # the first case's read, once; the others read in segment_file
         try:
             result, _paths = pipeline.segment_file(path, outdir, name=name, on_progress=on_progress,
                                                    on_note=folder_notes.append, read=read)
@@ -421,6 +417,7 @@ def segment_batch(inputs: list[str | Path], outdir: str | Path, options: Segment
             continue
         report.succeeded.append(str(path))
         case_report = result.report()
+        del result, read                    # the case's volume and masks go before the next case is read
         warnings = outputs.report_warnings(case_report)
         notes = folder_notes + outputs.report_notes(case_report)
         if on_warnings is not None:
@@ -484,6 +481,29 @@ def _model_record(model, fast: bool = False) -> dict[str, Any]:
     except CovidLesionSegError:   # a model loaded from a file the catalogue does not list
         pass
     return record
+
+
+def case_output_paths(options: SegmentOptions, outdir: Path, name: str) -> dict[str, Path]:
+    """The files a case may get: the segmentation, labelmap and JSON, with the options' PDF/HTML report and
+    DICOM SEG/SR (written only when the input is a DICOM series: see :meth:`Pipeline.write`)."""
+    paths = {"segmentation": outdir / f"{name}.seg.nrrd", "labels": outdir / f"{name}_labels.nii.gz",
+             "report": outdir / f"{name}.json"}
+    if options.case_report:
+        paths.update(outputs.case_report_paths(outdir, name))
+    if options.dicom:
+        paths.update(outputs.dicom_paths(outdir, name))
+    return paths
+
+
+def _case_writer(options: SegmentOptions, outdir: str | Path, name: str) -> outputs.CaseWriter:
+    files = {key: path.name for key, path in case_output_paths(options, Path(outdir), name).items()}
+    return outputs.CaseWriter(outdir, name, files, overwrite=options.overwrite)
+
+
+def _complete_and_kept(options: SegmentOptions, outdir: Path, name: str) -> bool:
+    """Whether the case's complete result is in ``outdir`` and would be kept (no ``overwrite``): the case will be
+    refused (:meth:`~.outputs.CaseWriter.check_free`), so reading it would be wasted."""
+    return not options.overwrite and _case_writer(options, outdir, name).state() == "complete"
 
 
 def read_case(path: str | Path, name: str, options: SegmentOptions,

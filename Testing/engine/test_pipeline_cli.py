@@ -483,3 +483,20 @@ def test_a_model_that_fails_to_load_ends_the_first_read_and_says_why(tmp_path, m
         segment_batch([ct], tmp_path / "out", SegmentOptions())
     assert not [t for t in threading.enumerate() if t.name.startswith("covidlesionseg-read")]
     assert not list((tmp_path / "out").glob("phantom*"))
+
+
+def test_a_complete_first_case_is_not_read_again(tmp_path, monkeypatch):
+    from COVIDLesionSegLib import io
+    from COVIDLesionSegLib.pipeline import segment_batch
+
+    ct, _ = _phantom_file(tmp_path)
+    options = SegmentOptions(lungs_only=True, case_report=False)
+    assert segment_batch([ct], tmp_path / "out", options).succeeded == [str(ct)]
+    reads = []
+    real_read = io.read_input
+    monkeypatch.setattr(io, "read_input", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    again = segment_batch([ct], tmp_path / "out", options)
+    assert reads == [] and [p for p, _ in again.failed] == [str(ct)]       # refused: "exists", nothing read
+    overwrite = segment_batch([ct], tmp_path / "out", SegmentOptions(lungs_only=True, case_report=False,
+                                                                     overwrite=True))
+    assert len(reads) == 1 and overwrite.succeeded == [str(ct)]
