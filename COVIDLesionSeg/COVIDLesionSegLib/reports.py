@@ -58,15 +58,17 @@ _THIRDS = ("upper", "middle", "lower")
 # -------------------------------------------------------------------------------------------------------------
 
 _PRELOAD: Optional[threading.Thread] = None
+#: In place of the infection chart of a lungs-only case (nothing was measured to chart).
+NO_CHART = "The infection was not segmented (lungs only): no infection chart."
 #: zlib level of the HTML report's pictures (:func:`_png`).
 PNG_LEVEL = 3
 
 
 def import_in_background() -> None:
-    """Start importing what drawing a report needs (matplotlib, its PDF and Agg backends, Pillow) in a daemon
-    thread, once per process, so that it overlaps the case's reading (ITK's reader releases the GIL): about
-    0.35 s of a single case's run on two cores (docs/default_models.md, section 8). The report imports them
-    itself as before; a failed import here is ignored (the report's own import then says what is missing)."""
+    """Start importing what drawing a report needs (matplotlib, its PDF and Agg backends, Pillow: 0.35 s, 40 MB)
+    in a daemon thread, once per process, so that it overlaps other work (``Pipeline.run`` starts it when the
+    models are done: docs/default_models.md, section 8.7). The report imports them itself as before; a failed
+    import here is ignored (the report's own import then says what is missing)."""
     global _PRELOAD
     if _PRELOAD is not None:
         return
@@ -148,10 +150,15 @@ def identifiers(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def infection_measured(report: Mapping[str, Any]) -> bool:
+    """False for a ``--lungs-only`` case: its infection columns and chart would be zeros that were never measured."""
+    return report["quantification"].get("infection_segmented", True) is not False
+
+
 def result_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The results table: (header, rows) per lung and both lungs."""
     q = report["quantification"]
-    measured = q.get("infection_segmented", True) is not False
+    measured = infection_measured(report)
     header = ["", "Lung volume", "Infection", "Opacity (PO)", "High opacity (PHO)", "Zone score"]
     rows = []
     for key, label in _SIDES:
@@ -168,7 +175,7 @@ def result_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 def zone_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The zone table: infected % and points of each third of each lung (the score's six zones)."""
     q = report["quantification"]
-    measured = q.get("infection_segmented", True) is not False
+    measured = infection_measured(report)
     header = ["Zone", "Right: infected", "Right: points", "Left: infected", "Left: points"]
     rows = []
     for zone in _THIRDS:
@@ -473,9 +480,13 @@ def summary_pages(report: Mapping[str, Any]) -> list:
     height = 0.02 * (len(rows) + 1)
     _table(fig, [0.05, y - height, 0.9, height], header, rows, fontsize=7.5)
     y -= height + 0.005
-    chart = 0.25
-    draw_chart(fig.add_axes([0.09, y - chart + 0.05, 0.86, chart - 0.08]), report)
-    y -= chart + 0.01
+    if infection_measured(report):
+        chart = 0.25
+        draw_chart(fig.add_axes([0.09, y - chart + 0.05, 0.86, chart - 0.08]), report)
+        y -= chart + 0.01
+    else:
+        fig.text(0.05, y - 0.01, NO_CHART, fontsize=8, color="0.3", va="top")
+        y -= 0.035
     pages = [fig]
 
     def room(height: float) -> None:
@@ -563,7 +574,8 @@ th{background:#eee}.qw li{color:#8a4b00;margin-bottom:4px}.views{display:grid;gr
 figure{margin:0}figcaption{font-size:12px}small{color:#555}"""
 
 
-def render_case_html(report: Mapping[str, Any], views: Sequence[Mapping[str, Any]], chart_png: bytes) -> bytes:
+def render_case_html(report: Mapping[str, Any], views: Sequence[Mapping[str, Any]],
+                     chart_png: Optional[bytes]) -> bytes:
     case = html.escape(str(report.get("case", "")))
     parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">',
              f"<title>COVIDLesionSeg report: {case}</title><style>{_CSS}</style></head><body>",
@@ -573,7 +585,8 @@ def render_case_html(report: Mapping[str, Any], views: Sequence[Mapping[str, Any
              "<h2>Identification</h2>", _html_table(["", ""], identifiers(report)),
              "<h2>Results</h2>", _html_table(*result_rows(report)),
              "<h2>Zones (the six zones of the score)</h2>", _html_table(*zone_rows(report)),
-             _img(chart_png, "bar chart of the infected percentage per lung and zone", 900),
+             _img(chart_png, "bar chart of the infected percentage per lung and zone", 900) if chart_png
+             else f"<p><small>{html.escape(NO_CHART)}</small></p>",
              "<h2>Quality warnings</h2>"]
     warnings = warnings_of(report)
     parts.append('<ul class="qw">' + "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(m)}</li>" for c, m in warnings)
@@ -603,7 +616,8 @@ def write_case_report(pdf_path: str | Path, html_path: str | Path, report: Mappi
 
     views = key_views(volume, lungs, infection)
     pdf = render_case_pdf(report, views)
-    page = render_case_html(report, views, _figure_png(chart_figure(report)))
+    chart = _figure_png(chart_figure(report)) if infection_measured(report) else None
+    page = render_case_html(report, views, chart)
     return atomic_write_bytes(pdf_path, pdf), atomic_write_bytes(html_path, page)
 
 

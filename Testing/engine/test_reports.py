@@ -176,3 +176,25 @@ def test_a_users_own_report_html_is_never_replaced(tmp_path):
     outputs.update_results_row(out / "results.csv", {"case": "x", "status": "failed", "error": "e"})
     assert reports.write_batch_report(out) is None
     assert (out / "report.html").read_text() == "<html>my own notes</html>"
+
+
+def test_a_lungs_only_report_shows_no_infection_chart(tmp_path):
+    """A ``--lungs-only`` case measured no infection: its report says so instead of charting zeros."""
+    from COVIDLesionSegLib.pipeline import SegmentOptions
+
+    image, _ = make_chest_phantom()
+    result = Pipeline(SegmentOptions(lungs_only=True)).run(CTVolume.from_image(image, name="phantom", source="p.nii"))
+    report = result.report()
+    assert not reports.infection_measured(report)
+    pdf, page = reports.write_case_report(tmp_path / "r.pdf", tmp_path / "r.html", report, result.volume,
+                                          result.lungs, None)
+    html_text = page.read_text(encoding="utf-8")
+    assert len(html_images(html_text)) == 4 and reports.NO_CHART in html_text     # the four views, no chart
+    pdfium = pytest.importorskip("pypdfium2", reason="pypdfium2 reads the PDF's text")
+    document = pdfium.PdfDocument(str(pdf))
+    text = " ".join(p.get_textpage().get_text_range() for p in document)
+    document.close()
+    assert "no infection chart" in text and "not measured" in text
+    summary = render_pdf(pdf)[0]
+    # No bars in the lungs' colours on the summary page (the chart is gone; the tables are black on white).
+    assert colour_pixels(summary, SEGMENTS.right_lung.color_rgb255) < 20
