@@ -152,7 +152,7 @@ def test_the_worker_classifies_with_the_translator():
 def test_segment_batch_reports_a_failed_case_with_the_translators_text(tmp_path, monkeypatch):
     from COVIDLesionSegLib import pipeline
 
-    def broken(self, volume, on_progress=None, timings=None, dicom=None):
+    def broken(self, volume, on_progress=None, timings=None, dicom=None, report_follows=False):
         raise PermissionError(13, "Permission denied", "/somewhere/scratch")
 
     monkeypatch.setattr(pipeline.Pipeline, "run", broken)
