@@ -46,9 +46,9 @@ def squared_distance_to(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarra
 
 def _ball_metric(radius_zyx: Sequence[int]) -> tuple[tuple[float, ...], float]:
     """(spacing, threshold) for which "squared distance <= threshold" is ITK's ball of ``radius_zyx`` voxels."""
-    widths = [2 * int(r) + 1 for r in radius_zyx]
     if any(r < 0 for r in radius_zyx):
         raise ValueError(f"ball radii must be >= 0 voxels, got {tuple(radius_zyx)}")
+    widths = [2 * int(r) + 1 for r in radius_zyx]
     total = int(np.prod(widths))
     return tuple(float(2 * total // w) for w in widths), float(total * total)
 
@@ -59,11 +59,13 @@ def ball_dilate(mask: np.ndarray, radius_zyx: Sequence[int]) -> np.ndarray:
     The distance map covers only the mask's bounding box grown by the radius (nothing outside it can be
     reached): for a sparse mask (the opening of consolidation, its fringe) a fraction of the grid."""
     mask = np.asarray(mask, dtype=bool)
-    out = np.zeros_like(mask)
+    if not any(radius_zyx):
+        return mask.copy()
     box = bounding_box(mask, [int(r) for r in radius_zyx])
-    if box is None or not any(radius_zyx):
+    if box is None:
         return mask.copy()
     spacing, threshold = _ball_metric(radius_zyx)
+    out = np.zeros_like(mask)
     out[box] = squared_distance_to(mask[box], spacing) <= threshold
     return out
 
@@ -82,11 +84,11 @@ def ball_erode(mask: np.ndarray, radius_zyx: Sequence[int], border_is_foreground
         return ball_erode(np.pad(mask, pad), radius_zyx)[core]
     if not any(radius_zyx):
         return mask.copy()
-    out = np.zeros_like(mask)
     box = bounding_box(mask, [int(r) for r in radius_zyx])
     if box is None:
-        return out
+        return mask.copy()
     spacing, threshold = _ball_metric(radius_zyx)
+    out = np.zeros_like(mask)
     out[box] = squared_distance_to(~mask[box], spacing) > threshold
     return out
 

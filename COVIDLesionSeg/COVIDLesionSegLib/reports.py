@@ -298,7 +298,7 @@ def key_views(volume, lungs: np.ndarray, infection: Optional[np.ndarray]) -> lis
     if z_lung.size:
         z0, z1 = int(z_lung[0]), int(z_lung[-1])
         height = z1 - z0 + 1
-        per_slice = np.count_nonzero(inf, axis=(1, 2))
+        per_slice, per_row, _ = axis_counts(inf)          # infected voxels per axial slice and per coronal row
         for part, name in ((2, "upper"), (1, "middle"), (0, "lower")):   # part index counts from the base
             lo = z0 + (part * height) // 3
             hi = max(lo, z0 + ((part + 1) * height) // 3 - 1)
@@ -310,7 +310,6 @@ def key_views(volume, lungs: np.ndarray, infection: Optional[np.ndarray]) -> lis
             views.append({"title": f"Axial, {name} third of the lungs (z = {position:.1f} mm, "
                                    f"{int(per_slice[k]) * sy * sx / 100:.1f} cm\u00b2 infected)",
                           "rgb": compose(*planes), "markers": ("R", "L", "A")})
-        per_row = np.count_nonzero(inf, axis=(0, 2))
         y = int(np.argmax(per_row)) if per_row.max(initial=0) > 0 else int(y_lung[len(y_lung) // 2])
         position = volume.image.TransformIndexToPhysicalPoint((0, y, 0))[1]
         # Coronal: rows are z; flip so that superior is at the top.
