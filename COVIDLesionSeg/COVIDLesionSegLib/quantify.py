@@ -165,13 +165,14 @@ def _validate(lungs: np.ndarray, infection: np.ndarray,
 COUNT_SLABS = 32
 
 
-def _side_counts(lungs: np.ndarray, infection: np.ndarray, hu: np.ndarray | None, label: int,
+def _side_counts(lungs: np.ndarray, infection: np.ndarray | None, hu: np.ndarray | None, label: int,
                  scan_shape: Sequence[int], box: tuple[slice, ...]):
     """Per-slice (z) and per-row (y) voxel counts of one lung (``label``) and of its infection (and, with
     ``hu``, its high-opacity part), at their scan indices: ``(lung_z, lung_y, [inf_z, (high_z)], [inf_y,
     (high_y)])``. They are all the zones need. The arrays are the lungs' box; it is counted
     :data:`COUNT_SLABS` slices at a time, so no box-sized mask is made (four of them were 0.6 GB more on a
-    1000-slice scan)."""
+    1000-slice scan). ``infection`` None: it has no voxels (lungs only), its counts are zeros without
+    counting (two thirds of the work)."""
     n_sub = 2 if hu is not None else 1
     z = [np.zeros(scan_shape[0], dtype=np.int64) for _ in range(1 + n_sub)]
     y = [np.zeros(scan_shape[1], dtype=np.int64) for _ in range(1 + n_sub)]
@@ -179,9 +180,11 @@ def _side_counts(lungs: np.ndarray, infection: np.ndarray, hu: np.ndarray | None
     for start in range(0, lungs.shape[0], COUNT_SLABS):
         part = slice(start, start + COUNT_SLABS)
         lung = lungs[part] == label
-        masks = [lung, lung & infection[part]]
-        if hu is not None:
-            masks.append(masks[1] & (hu[part] > HIGH_OPACITY_HU))
+        masks = [lung]
+        if infection is not None:
+            masks.append(lung & infection[part])
+            if hu is not None:
+                masks.append(masks[1] & (hu[part] > HIGH_OPACITY_HU))
         for i, mask in enumerate(masks):
             zc = np.count_nonzero(mask, axis=(1, 2))
             z[i][z0 + start:z0 + start + len(zc)] = zc
@@ -225,7 +228,8 @@ def quantify(lungs: np.ndarray, infection: np.ndarray, spacing_zyx: Sequence[flo
     lungs, infection = lungs[box], infection[box]
     hu = hu[box] if hu is not None else None
     with_high = hu is not None
-    side_counts = {side: _side_counts(lungs, infection, hu, _LUNG_LABELS[side], scan_shape, box) for side in LUNGS}
+    counted = infection if infection_total else None
+    side_counts = {side: _side_counts(lungs, counted, hu, _LUNG_LABELS[side], scan_shape, box) for side in LUNGS}
 
     notes: list[str] = []
     per_lung: dict[str, Any] = {}
