@@ -175,7 +175,7 @@ class NetworkModel:
     Args:
         checkpoint: a checkpoint path or a loaded :class:`Checkpoint`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
-        batch_size: 2D: slices per batch; 3D: windows per batch. Default 16 (2D) and 1/2 (3D, CPU/CUDA).
+        batch_size: 2D: slices per batch; 3D: windows per batch. Default 8/16 (2D, CPU/CUDA) and 1/2 (3D).
         progress: default progress callback when ``predict``/``segment`` get none (also told of loading).
         overlap: sliding-window overlap (3D).
         margin_mm: margin around the lung (or body) bounding box.
@@ -280,9 +280,12 @@ class NetworkModel:
             return self._batch_size
         cuda = self._device.type == "cuda"
         if self.dims == 2:
-            # 16 on the CPU too: on P001 with hu-synth-nnunet2d-w8 (2 threads) batches of 16 took 0.57 of the
-            # CPU time of batches of 4, with the same probabilities (oneDNN runs larger batches better).
-            return 16
+            # 8 on the CPU: the activations of 16 slices were the learned default's peak memory on P001 (400 MB
+            # above the scan's working set against 142-278 MB; the whole run 1.00-1.10 GB against issue 14's
+            # 1 GB) and gave no speed on this machine (predict 9.3 s median against 8.3 s; 4 slices 8.0 s;
+            # runs/batch_size_round11.txt); an older CPU ran 16 in 0.57 of the CPU time of 4 (oneDNN), so 8
+            # rather than 4. The mask does not change (the same 96,225 voxels on P001; probabilities by float rounding).
+            return 16 if cuda else 8
         return 2 if cuda else 1
 
     def _amp_dtype(self) -> torch.dtype | None:
