@@ -171,10 +171,10 @@ def confirmed_components(candidates: np.ndarray, evidence: np.ndarray) -> np.nda
     hit = inside & np.asarray(evidence, dtype=bool)[box]
     if not hit.any():
         return out
-    image = sitk.ConnectedComponent(sitk.GetImageFromArray(inside.view(np.uint8)), True)
-    # A view of the uint32 labels, used while ``image`` lives: a copy was a second box-sized uint32 array
-    # (110 MB on P001) at the learned default's peak memory.
-    labels = sitk.GetArrayViewFromImage(image)
+    label_image = sitk.ConnectedComponent(sitk.GetImageFromArray(inside.view(np.uint8)), True)
+    # A view of the uint32 labels, used while ``label_image`` lives: a copy was a second box-sized uint32 array
+    # (110 MB on P001).
+    labels = sitk.GetArrayViewFromImage(label_image)
     keep = np.zeros(int(labels.max()) + 1, dtype=bool)   # a lookup table instead of np.isin's sort
     keep[np.unique(labels[hit])] = True
     keep[0] = False
@@ -192,8 +192,9 @@ def grown_components(confirmed: np.ndarray, candidates: np.ndarray, spacing_zyx:
         return confirmed.copy()
     img = sitk.GetImageFromArray(confirmed[box].astype(np.uint8))
     img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    image = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    distance = sitk.GetArrayViewFromImage(image)   # a view while ``image`` lives: no second float32 box
+    distance_image = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False,
+                                                  useImageSpacing=True)
+    distance = sitk.GetArrayViewFromImage(distance_image)   # a view while the image lives: no second float32 box
     out = confirmed.copy()
     out[box] |= np.asarray(candidates, dtype=bool)[box] & (distance <= grow_mm)
     return out
