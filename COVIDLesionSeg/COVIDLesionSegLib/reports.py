@@ -46,6 +46,8 @@ MARGIN_MM = 20.0
 NOT_FOR_DIAGNOSIS = ("NOT FOR DIAGNOSTIC USE. Research software: the segmentation and every number here must be "
                      "checked by a qualified reader before any clinical decision.")
 BATCH_REPORT = "report.html"
+#: Segmented cases from which the batch summary draws their distribution (:func:`render_batch_html`).
+MIN_CASES_FOR_DISTRIBUTION = 2
 #: Marks an HTML file as this tool's, so that a user's own report.html is never replaced.
 GENERATOR = "COVIDLesionSeg"
 A4 = (8.27, 11.69)
@@ -697,7 +699,9 @@ def render_batch_html(rows: Sequence[Mapping[str, str]], folder: Path) -> bytes:
              f"{_dt.datetime.now().isoformat(timespec='minutes')} by COVIDLesionSeg {__version__}</small></p>",
              f'<p class="warn">{html.escape(NOT_FOR_DIAGNOSIS)}</p>',
              f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"]
-    if ok:
+    # A distribution needs two cases: one case's figure would repeat its row (and cost 0.3 s of a single-scan
+    # run: matplotlib's Agg rendering); its own report has the slices.
+    if ok >= MIN_CASES_FOR_DISTRIBUTION:
         parts.append("<h2>Distribution over the cases</h2>" + _img(_figure_png(distribution_figure(rows)),
                                                                    "distribution of the percentage of opacity and "
                                                                    "of the zone score", 900))

@@ -169,6 +169,19 @@ def test_a_batch_writes_every_case_report_and_a_summary(tmp_path):
         "case0.json", "case0.seg.nrrd", "case0_labels.nii.gz", "results.csv"]
 
 
+def test_the_batch_summary_draws_the_distribution_of_two_cases_or_more(tmp_path):
+    # One case has no distribution: its row is the whole summary, and its own report has the figures.
+    row = {"case": "a", "status": "ok", "right_lung_ml": "2100", "left_lung_ml": "1900", "both_lungs_ml": "4000",
+           "both_po_pct": "3.25", "both_pho_pct": "0.5", "zone_score": "4", "warnings": ""}
+    one = reports.render_batch_html([row], tmp_path).decode("utf-8")
+    assert "<td>3.25</td>" in one and html_images(one) == [] and "Distribution over the cases" not in one
+    failed = {"case": "b", "status": "failed", "error": "not a CT"}
+    assert html_images(reports.render_batch_html([row, failed], tmp_path).decode("utf-8")) == []
+    two = reports.render_batch_html([row, {**row, "case": "c", "both_po_pct": "17.5", "zone_score": "9"}], tmp_path)
+    (plot,) = html_images(two.decode("utf-8"))
+    assert colour_pixels(plot, SEGMENTS.infection.color_rgb255) > 20
+
+
 def test_a_users_own_report_html_is_never_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
