@@ -14,6 +14,7 @@ names the class of problem for programs (the Slicer worker's outcome line, ``res
     ├── OutputError                           output: outputs.py
     │   ├── OutputExistsError (FileExistsError)   a complete result is there and --overwrite was not given
     │   └── OutputWriteError (OSError)        full disk, file-size limit, read-only folder
+    ├── InsufficientMemoryError (MemoryError) out_of_memory: a scan too large for the free memory (memory.py)
     ├── WorkerError (RuntimeError)            worker.py: the segmentation process ended with an error
     └── training: ConfigError, ProcedureError (ValueError), RunError, TrainingError (RuntimeError)
 

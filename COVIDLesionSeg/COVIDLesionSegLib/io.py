@@ -26,12 +26,14 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from . import memory
 from .errors import InputError
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
-# Largest volume read at all (voxels). 512 x 512 x 3000 slices is about 1.6 GB as int16; anything larger
-# is almost certainly not a single chest CT and would not fit the pipeline's working memory.
+# Largest volume read at all (voxels). 512 x 512 x 3050 slices is 1.6 GB as int16 and peaked at 4.4 GB with the
+# default models (memory.py); anything larger is almost certainly not a single chest CT. Below it, a scan is
+# read when it fits the free memory (memory.check_fits).
 MAX_VOXELS = 800_000_000
 
 
@@ -141,6 +143,8 @@ def read_input(path: str | os.PathLike,
     Raises:
         InputError: missing path, unsupported or unreadable file, no DICOM series, missing DICOM slices (without
             ``allow_slice_gaps``), too large a volume.
+        memory.InsufficientMemoryError: the volume cannot be segmented in the free memory (from its header, before
+            its pixels are read).
     """
     p = Path(path)
     if not p.exists():
@@ -329,6 +333,7 @@ def _check_size(where, size) -> None:
             f"{where}: {tuple(size)} is {n / 1e6:.0f} million voxels, more than the {MAX_VOXELS / 1e6:.0f} million "
             "this tool reads at once; crop the scan to the chest or resample it to thicker slices first"
         )
+    memory.check_fits(where, size)   # before the pixels are read: a scan that cannot fit is refused, not killed
 
 
 def _compact_pixels(image: sitk.Image) -> sitk.Image:

@@ -1,4 +1,5 @@
-"""Real faults for the output tests: a small file system that fills up, a read-only folder, small CT cases.
+"""Real faults for the output tests: a small file system that fills up, a read-only folder, a container's memory
+limit, small CT cases.
 
 A tmpfs is mounted where the tests may (root with mount rights, as on CI); otherwise the kernel's file-size
 limit (``RLIMIT_FSIZE``, with ``SIGXFSZ`` ignored) makes every write past N bytes fail with ``EFBIG``, which is
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import SimpleITK as sitk
 
@@ -80,6 +81,40 @@ def file_size_limit(limit_bytes: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int) -> Iterator[Optional[Callable[[], None]]]:
+    """A child of this process's cgroup v1 memory cgroup limited to ``limit_bytes`` (a container's memory limit:
+    past it the kernel's out-of-memory killer ends the process). Yields a ``preexec_fn`` that moves a subprocess
+    into it, or None when this machine does not allow it (not root, no cgroup v1 memory hierarchy)."""
+    root = Path("/sys/fs/cgroup/memory")
+    try:
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if "memory" in line.split(":", 2)[1].split(","))
+    except (OSError, StopIteration, IndexError):
+        own = None
+    parent = root / own.strip("/") if own is not None else root
+    if os.name != "posix" or os.geteuid() != 0 or not (parent / "memory.limit_in_bytes").exists():
+        yield None
+        return
+    node = parent / f"covidlesionseg-test-{os.getpid()}"
+    try:
+        node.mkdir()
+        (node / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError:
+        yield None
+        return
+    procs = str(node / "cgroup.procs")
+
+    def enter() -> None:      # runs in the child between fork and exec
+        with open(procs, "w") as fh:
+            fh.write(str(os.getpid()))
+
+    try:
+        yield enter
+    finally:
+        node.rmdir()          # its processes have ended: the caller waited for them
 
 
 def case_files(folder: Path, name: str) -> list[Path]:
