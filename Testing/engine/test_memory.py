@@ -114,7 +114,7 @@ def test_a_scan_beyond_a_containers_memory_limit_is_refused_and_the_batch_goes_o
         def run(out, *env):
             command = ["env", *env, *cli_command("segment", str(inputs), "-o", str(out), "--quiet",
                                                  "--lungs-only")]
-            return subprocess.run(command, capture_output=True, text=True, timeout=600, preexec_fn=enter)
+            return subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=enter)
 
         # The fault is real: without the check the kernel kills the process in the large case, so the case
         # after it never runs.
