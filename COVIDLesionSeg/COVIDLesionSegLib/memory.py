@@ -32,7 +32,8 @@ from .errors import CovidLesionSegError
 
 #: Bytes of memory per voxel no run does without: the int16 CT and the uint8 lung labelmap (module docstring).
 MINIMUM_BYTES_PER_VOXEL = 3
-#: The interpreter with numpy, SimpleITK and the engine imported, before any image (a fresh process: ~150 MB).
+#: The interpreter with numpy, SimpleITK and the engine imported, before any image (a fresh process: 143 MB, 182 MB
+#: with the report's matplotlib).
 BASE_BYTES = 200 * 1024 ** 2
 #: Peak bytes per voxel beyond :data:`TYPICAL_BASE_BYTES` with the default models: the line through the two
 #: measured scans of the module docstring (1.80 GB at 262 M voxels, 4.39 GB at 800 M).
