@@ -195,7 +195,7 @@ def cmd_segment(args, inputs=None) -> int:
 
     def on_error(path: str, message: str) -> None:
         progress.close()
-        _err(f"FAILED {path}: {message}")
+        _err(f"FAILED {_with_path(path, message)}")
 
     note = device_note(args)
     if note:
@@ -224,8 +224,13 @@ def cmd_segment(args, inputs=None) -> int:
     if report.failed:
         _err(f"{len(report.failed)} case(s) failed:")
         for path, message in report.failed:
-            _err(f"  {path}: {message}")
+            _err(f"  {_with_path(path, message)}")
     return report.exit_status
+
+
+def _with_path(path: str, message: str) -> str:
+    """``path: message``, or the message alone when it begins with the path (most of a failed read's do)."""
+    return message if message.startswith(f"{path}:") else f"{path}: {message}"
 
 
 def cmd_demo(args) -> int:

@@ -123,7 +123,9 @@ def test_a_scan_beyond_a_containers_memory_limit_is_refused_and_the_batch_goes_o
         assert not (tmp_path / "unchecked" / "b_small.json").exists()
         checked = run(tmp_path / "checked")
     assert checked.returncode == 1, checked.stderr[-2000:]
-    assert "a_large.nii: this scan of 105 million voxels" in checked.stderr
+    large = inputs / "a_large.nii"
+    assert f"  {large}: this scan of 105 million voxels" in checked.stderr
+    assert f"{large}: {large}" not in checked.stderr          # the failure list says the path once
     assert "of memory to be segmented" in checked.stderr
     rows = {r["case"]: r for r in csv.DictReader((tmp_path / "checked" / "results.csv").open())}
     assert rows["a_large"]["status"] == "failed" and "needs at least" in rows["a_large"]["error"]
