@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import user_message
+from .errors import about, user_message
 from .progress import Cancelled
 
 
@@ -195,7 +195,7 @@ def cmd_segment(args, inputs=None) -> int:
 
     def on_error(path: str, message: str) -> None:
         progress.close()
-        _err(f"FAILED {_with_path(path, message)}")
+        _err(f"FAILED {about(path, message)}")
 
     note = device_note(args)
     if note:
@@ -224,13 +224,8 @@ def cmd_segment(args, inputs=None) -> int:
     if report.failed:
         _err(f"{len(report.failed)} case(s) failed:")
         for path, message in report.failed:
-            _err(f"  {_with_path(path, message)}")
+            _err(f"  {about(path, message)}")
     return report.exit_status
-
-
-def _with_path(path: str, message: str) -> str:
-    """``path: message``, or the message alone when it begins with the path (most of a failed read's do)."""
-    return message if message.startswith(f"{path}:") else f"{path}: {message}"
 
 
 def cmd_demo(args) -> int:

@@ -166,5 +166,11 @@ def user_message(exc: BaseException) -> UserMessage:
     return UserMessage("internal", f"unexpected error: {type(exc).__name__}: {exc}", _TITLES["internal"])
 
 
-__all__ = ["CovidLesionSegError", "InputError", "ModelError", "CheckpointError", "DeviceError", "OutputError",
+def about(subject: str, message: str) -> str:
+    """``subject: message`` for a list of failures, or the message alone when it already begins with the subject
+    (most messages of a failed read begin with the input's path)."""
+    return message if message.startswith(f"{subject}:") else f"{subject}: {message}"
+
+
+__all__ = ["about", "CovidLesionSegError", "InputError", "ModelError", "CheckpointError", "DeviceError", "OutputError",
            "UserMessage", "user_message", "is_cuda_out_of_memory", "is_cpu_out_of_memory"]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from COVIDLesionSegLib import io as engine_io  # noqa: E402
 from COVIDLesionSegLib.cli import add_model_options, add_output_options, device_note  # noqa: E402
-from COVIDLesionSegLib.errors import InputError, OutputError, user_message  # noqa: E402
+from COVIDLesionSegLib.errors import InputError, OutputError, about, user_message  # noqa: E402
 
 
 def in_slicer_app() -> bool:
@@ -337,7 +337,7 @@ def run_batch(args) -> int:  # noqa: C901 (the batch loop: per-case outcomes are
                   file=sys.stderr)
     print(f"{succeeded} of {len(cases)} case(s) segmented; results in {results_csv}", file=sys.stderr)
     for case, message in failures:
-        print(f"failed: {case}: {message}", file=sys.stderr)
+        print(f"failed: {about(case, message)}", file=sys.stderr)
     return 1 if failures else 0
 
 

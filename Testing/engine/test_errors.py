@@ -20,6 +20,7 @@ from COVIDLesionSegLib.errors import (
     InputError,
     ModelError,
     OutputError,
+    about,
     user_message,
 )
 from COVIDLesionSegLib.outputs import OutputExistsError, OutputWriteError
@@ -176,3 +177,9 @@ def test_a_checkpoint_error_says_how_to_get_a_good_copy(tmp_path):
     assert "models import FILE --overwrite" in catalogue._repair_hint(entry)
     entry = catalogue.ModelEntry("m", "1", "infection", "", "shipped", path=tmp_path / "m.pt", url="file:///x")
     assert "models download m --overwrite" in catalogue._repair_hint(entry)
+
+
+def test_a_failure_list_names_its_subject_once():
+    assert about("a.nii", "a.nii: the image is empty") == "a.nii: the image is empty"
+    assert about("a.nii", "no lungs found") == "a.nii: no lungs found"
+    assert about("a.nii", "a.nii.gz: other file") == "a.nii: a.nii.gz: other file"   # a longer path is another one
