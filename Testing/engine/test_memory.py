@@ -15,6 +15,7 @@ from COVIDLesionSegLib import io, memory
 from COVIDLesionSegLib.errors import user_message
 
 from .faults import cli_command, memory_cgroup, write_phantom
+from .helpers import _write_dicom_series
 
 MiB = 1024 ** 2
 
@@ -59,6 +60,18 @@ def test_a_scan_that_cannot_fit_is_refused_from_its_header_before_its_pixels_are
     with pytest.raises(Exception) as skipped:
         io.read_image(header)
     assert not isinstance(skipped.value, memory.InsufficientMemoryError)
+
+
+def test_a_dicom_series_is_checked_from_its_first_slice_and_its_file_count(tmp_path, monkeypatch):
+    series = np.full((12, 96, 80), -1000, np.int16)
+    _write_dicom_series(tmp_path / "series", series, (0.8, 0.8, 2.5), "1.2.3.4.900")
+    needed = memory.minimum_bytes(12 * 96 * 80)
+    monkeypatch.setattr(memory, "available_bytes", lambda: needed - 1)
+    with pytest.raises(memory.InsufficientMemoryError, match=r"\(80, 96, 12\) needs at least"):
+        io.read_input(tmp_path / "series")
+    monkeypatch.setattr(memory, "available_bytes", lambda: needed)
+    image, _notes, _dicom = io.read_input(tmp_path / "series")
+    assert image.GetSize() == (80, 96, 12)
 
 
 def test_free_memory_is_the_machines_and_the_containers_least(tmp_path):
