@@ -24,6 +24,7 @@ swaps is slow but ends), bounded by the cgroup's limit when the process runs in 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -66,15 +67,13 @@ def _gb(n: float) -> str:
     return f"{n / 1024 ** 3:.1f} GB"
 
 
-def check_fits(where, size, available: Optional[int] = None) -> None:
-    """Raise :class:`InsufficientMemoryError` when a scan of ``size`` voxels (per axis) cannot fit in
-    ``available`` bytes (default: :func:`available_bytes`; unknown: no check)."""
+def check_fits(where, size) -> None:
+    """Raise :class:`InsufficientMemoryError` when a scan of ``size`` voxels (per axis) cannot fit in the
+    :func:`available_bytes` (unknown: no check)."""
     if os.environ.get(SKIP_ENV, "").strip() in ("1", "true", "yes"):
         return
-    voxels = 1
-    for n in size:
-        voxels *= int(n)
-    available = available_bytes() if available is None else available
+    voxels = math.prod(int(n) for n in size)
+    available = available_bytes()
     if available is None or minimum_bytes(voxels) <= available:
         return
     raise InsufficientMemoryError(
